@@ -1,0 +1,211 @@
+"""Command line: parse, call the library, print. Exit 0 done, 1 deliveries failed, 2 bad config."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from . import digest
+from .config import Config, load_config
+from .errors import NewsletterError
+from .store import Store
+
+
+class State:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    @contextmanager
+    def store(self) -> Iterator[Store]:
+        store = Store(self.config.database_url)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def _fail(exc: NewsletterError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    if exc.hint:
+        click.echo(f"hint: {exc.hint}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NewsletterError as exc:
+            _fail(exc)
+
+
+@click.group(cls=Group)
+@click.option(
+    "--config",
+    "config_path",
+    envvar="NEWSLETTER_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="schedules.yaml to use (default ./schedules.yaml; env NEWSLETTER_CONFIG).",
+)
+@click.version_option(package_name="newsletter")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """Turn feeds into email digests."""
+    ctx.obj = State(config_path)
+
+
+def _schedules(state: State, name: str | None) -> list[str]:
+    if name is None:
+        return list(state.config.schedules)
+    state.config.schedule(name)  # raises with the known names
+    return [name]
+
+
+def _print_feeds(reports: list[digest.FeedReport]) -> None:
+    for f in reports:
+        if f.status == "error":
+            click.echo(f"  feed error   {f.error}", err=True)
+            continue
+        click.echo(f"  {f.status:<12} {f.new:>3} new  {f.url}")
+        if f.warning:
+            click.echo(f"  warning: {f.url}: {f.warning}", err=True)
+
+
+@main.command()
+@click.pass_obj
+def check(state: State) -> None:
+    """Validate schedules.yaml, subscriber lists and templates; print what is wrong."""
+    config = state.config
+    with state.store() as store:
+        result = digest.check(config, store)
+    for line in result.lines:
+        click.echo(line)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"{config.path}: {len(config.schedules)} schedule(s) OK")
+
+
+@main.command()
+@click.argument("schedule", required=False)
+@click.pass_obj
+def fetch(state: State, schedule: str | None) -> None:
+    """Poll the feeds (of SCHEDULE, or of all schedules) and store new entries."""
+    names = _schedules(state, schedule)
+    with state.store() as store:
+        reports = digest.fetch(state.config, store, names)
+    _print_feeds(reports)
+    new = sum(f.new for f in reports)
+    errors = sum(f.status == "error" for f in reports)
+    click.echo(f"{len(reports)} feed(s), {new} new entries, {errors} error(s)")
+
+
+@contextmanager
+def _progress() -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """A progress bar per issue on a terminal; nothing at all in logs."""
+    bars: list[Any] = []
+
+    def on_issue(total: int) -> None:
+        if bars:
+            bars.pop().__exit__(None, None, None)
+        if total and sys.stderr.isatty():
+            bar = click.progressbar(length=total, label="sending", file=sys.stderr)
+            bars.append(bar.__enter__())
+
+    def progress(n: int) -> None:
+        if bars:
+            bars[0].update(n)
+
+    try:
+        yield on_issue, progress
+    finally:
+        if bars:
+            bars.pop().__exit__(None, None, None)
+
+
+@main.command("send-digest")
+@click.argument("schedule")
+@click.option(
+    "--dry-run", is_flag=True, help="Write every message to the outbox; send nothing, change no state."
+)
+@click.option(
+    "--to", "to", metavar="ADDRESS", help="Send the next issue to ADDRESS only, outside the ledger."
+)
+@click.option("--force", is_flag=True, help="Build an issue of the latest entries even when nothing is new.")
+@click.pass_obj
+def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, force: bool) -> None:
+    """Fetch, build the next issue of SCHEDULE and deliver it."""
+    if dry_run and to:
+        raise click.UsageError("--dry-run and --to do not go together")
+    config = state.config
+    config.schedule(schedule)
+    with state.store() as store, _progress() as (on_issue, progress):
+        report = digest.send_digest(
+            config,
+            store,
+            schedule,
+            dry_run=dry_run,
+            to=to,
+            force=force,
+            progress=progress,
+            on_issue=on_issue,
+        )
+    _print_feeds(report.feeds)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if not report.issues and not report.aborted:
+        click.echo(f"{schedule}: nothing new" + ("" if force else " (use --force to send the latest anyway)"))
+    for item in report.issues:
+        verb = "rendered" if dry_run else "sent"
+        click.echo(
+            f'{schedule} #{item.number} "{item.subject}": {item.articles} article(s),'
+            f" {item.html_bytes / 1024:.0f} KB HTML; {verb} {item.sent}, pending {item.pending},"
+            f" failed {item.failed}"
+            + (f", skipped {item.skipped}" if item.skipped else "")
+            + ("" if item.complete or to or dry_run else " (unfinished: run again to retry)")
+        )
+        for recipient, reply in item.errors:
+            click.echo(f"  {recipient}: {reply}", err=True)
+    if report.outbox:
+        click.echo(f"dry run: messages written to {report.outbox}; no state changed")
+    if report.aborted:
+        click.echo(f"error: {report.aborted}", err=True)
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("schedule", required=False)
+@click.pass_obj
+def status(state: State, schedule: str | None) -> None:
+    """Last issues, deliveries sent / pending / failed, and feed health."""
+    names = _schedules(state, schedule)
+    with state.store() as store:
+        for name in names:
+            s = digest.schedule_status(state.config, store, name)
+            click.echo(f"{name}: {s.subscribers} subscriber(s), {s.waiting} new entries waiting")
+            if not s.issues:
+                click.echo("  no issues yet")
+            for issue, counts in s.issues:
+                click.echo(
+                    f"  #{issue.number} {issue.created_at:%Y-%m-%d %H:%M} UTC {issue.status:<8}"
+                    f" sent {counts['sent']}, pending {counts['pending']}, failed {counts['failed']}"
+                    f"  {issue.subject}"
+                )
+            for f in s.feeds:
+                health = f["last_status"] or "never fetched"
+                if f["last_status"] == "error":
+                    health = f"error ({f['consecutive_errors']} in a row): {f['last_error']}"
+                click.echo(
+                    f"  feed {f['url']}: {health}; last checked {f['last_checked'] or '-'},"
+                    f" {f['error_count']} error(s) in all"
+                )

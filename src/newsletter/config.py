@@ -1,0 +1,230 @@
+"""schedules.yaml: load, interpolate ${VAR} secrets, validate, resolve paths.
+
+Every error names the file and the key path (``schedules.example.sender``) so a user can go
+straight to the line that is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .senders import Sender, sender_types
+
+DEFAULT_CONFIG = "schedules.yaml"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class FetchSettings(Strict):
+    timeout: float = Field(20.0, gt=0, description="seconds for the whole download of one feed")
+    max_bytes: int = Field(10_000_000, gt=0, description="a larger feed is refused")
+    user_agent: str = "newsletter/0.1 (+https://github.com/newsletter/newsletter)"
+    workers: int = Field(8, ge=1, le=64, description="feeds fetched at once")
+    # The first time a feed is seen only its recent entries count as new, so subscribing a
+    # schedule to a feed with years of history does not mail all of it.
+    first_fetch_newest: int = Field(5, ge=0)
+    first_fetch_days: float | None = Field(None, gt=0)
+
+
+class Schedule(Strict):
+    title: str = ""
+    feeds: list[str] = Field(min_length=1)
+    subscribers: str
+    sender: str
+    from_: str = Field(alias="from")
+    reply_to: str | None = None
+    subject: str = "{{ title }} #{{ issue.number }}: {{ issue.top_title }}"
+    max_articles: int = Field(20, ge=1, le=500)
+    excerpt_chars: int = Field(600, ge=50)
+    unsubscribe_url: str = Field(description="https URL with {token}; also used for List-Unsubscribe")
+    list_id: str | None = None
+    max_attempts: int = Field(8, ge=1, description="4xx retries before a delivery is failed")
+
+    @field_validator("from_", "reply_to")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and "@" not in parseaddr(value)[1]:
+            raise ValueError(f"not an email address: {value!r}")
+        return value
+
+    @field_validator("unsubscribe_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        # Gmail and Yahoo only offer one-click unsubscribe for https URLs (RFC 8058).
+        if not value.startswith("https://"):
+            raise ValueError("must be an https:// URL (RFC 8058 one-click unsubscribe)")
+        if "{token}" not in value:
+            raise ValueError("must contain {token}, where the signed unsubscribe token goes")
+        return value
+
+    @field_validator("subject")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            jinja2.Environment().parse(value)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"bad template: {exc.message}") from None
+        return value
+
+
+class Settings(Strict):
+    database: str = "sqlite:///newsletter.db"
+    outbox: str = "outbox"
+    templates: str | None = "templates"
+    timezone: str = "UTC"
+    fetch: FetchSettings = FetchSettings()
+    senders: dict[str, dict[str, Any]]
+    schedules: dict[str, Schedule] = Field(min_length=1)
+
+
+class Config:
+    """A validated configuration with paths resolved against its own folder."""
+
+    def __init__(self, path: Path, settings: Settings, senders: dict[str, Sender]) -> None:
+        self.path = path
+        self.base_dir = path.parent
+        self.settings = settings
+        self.senders = senders
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        return self.settings.schedules
+
+    def schedule(self, name: str) -> Schedule:
+        try:
+            return self.settings.schedules[name]
+        except KeyError:
+            known = ", ".join(self.settings.schedules)
+            raise ConfigError(
+                f"{self.path}: no schedule named {name!r}", hint=f"known schedules: {known}"
+            ) from None
+
+    def resolve(self, value: str) -> Path:
+        return (self.base_dir / value).resolve()
+
+    def feed_url(self, feed: str) -> str:
+        """Feeds are URLs or paths relative to the config; both are stored as URLs."""
+        if re.match(r"^https?://", feed, re.I):
+            return feed
+        return self.resolve(feed).as_uri()
+
+    def subscribers_path(self, schedule: Schedule) -> Path:
+        return self.base_dir / "subscribers" / f"{schedule.subscribers}.csv"
+
+    @property
+    def database_url(self) -> str:
+        url = self.settings.database
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            return "sqlite:///" + str(self.resolve(url[len("sqlite:///") :]))
+        return url
+
+    @property
+    def outbox(self) -> Path:
+        return self.resolve(self.settings.outbox)
+
+    @property
+    def templates_dir(self) -> Path | None:
+        return self.resolve(self.settings.templates) if self.settings.templates else None
+
+
+def _interpolate(node: Any, where: str, path: Path) -> Any:
+    """Replace ${VAR} (or ${VAR:-default}) with the environment's value; secrets stay out of files."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{where}.{k}" if where else str(k), path) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{where}[{i}]", path) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(match: re.Match[str]) -> str:
+            var, default = match.group(1), match.group(2)
+            if var not in os.environ:
+                if default is not None:
+                    return default
+                raise ConfigError(
+                    f"{path}: {where}: environment variable {var} is not set",
+                    hint=f"export {var}=... before running, or remove the reference",
+                )
+            return os.environ[var]
+
+        return _ENV_REF.sub(sub, node)
+    return node
+
+
+def _describe(exc: ValidationError, path: Path, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "from_")
+        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
+        msg = {
+            "extra_forbidden": "unknown key",
+            "missing": "missing required key",
+        }.get(err["type"], err["msg"])
+        lines.append(f"{path}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    path = Path(path or os.environ.get("NEWSLETTER_CONFIG") or DEFAULT_CONFIG)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file", hint="pass --config PATH or set NEWSLETTER_CONFIG"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: bad YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with senders: and schedules:")
+    raw = _interpolate(raw, "", path)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+    types = sender_types()
+    senders: dict[str, Sender] = {}
+    problems = []
+    for name, options in settings.senders.items():
+        options = dict(options or {})
+        kind = options.pop("type", None)
+        if kind not in types:
+            problems.append(
+                f"{path}: senders.{name}.type: "
+                + (f"unknown sender type {kind!r}" if kind else "missing required key")
+                + f" (known: {', '.join(sorted(types))})"
+            )
+            continue
+        cls = types[kind]
+        try:
+            senders[name] = cls(name, cls.Options.model_validate(options), path.parent)
+        except ValidationError as exc:
+            problems.append(_describe(exc, path, f"senders.{name}."))
+
+    config = Config(path, settings, senders)
+    for name, schedule in settings.schedules.items():
+        if schedule.sender not in settings.senders:
+            problems.append(
+                f"{path}: schedules.{name}.sender: no sender named {schedule.sender!r}"
+                f" (known: {', '.join(settings.senders) or 'none'})"
+            )
+        csv_path = config.subscribers_path(schedule)
+        if not csv_path.is_file():
+            problems.append(f"{path}: schedules.{name}.subscribers: no file {csv_path}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config

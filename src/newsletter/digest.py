@@ -1,0 +1,355 @@
+"""The pipeline: fetch feeds, build the next issue, deliver it through the ledger.
+
+Order of a ``send-digest`` run: fetch; finish any unfinished issue of the schedule; build the
+next issue from entries first seen since the last one; deliver it. Each delivery is committed
+as soon as its outcome is known, so a rerun after a crash carries on where the last one died.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parseaddr
+
+from itsdangerous import URLSafeSerializer
+
+from .config import Config, Schedule
+from .errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
+from .feeds import fetch_all
+from .message import Recipient, Skeleton
+from .render import RenderedIssue, Section, article, render_issue
+from .senders import Outgoing, Sender
+from .senders.file import FileOptions, FileSender
+from .store import Issue, Store, StoredEntry, now
+from .subscribers import Subscriber, SubscriberList, load_subscribers
+
+Progress = Callable[[int], None]  # called with how many messages were just handled
+
+
+@dataclass
+class FeedReport:
+    url: str
+    status: str
+    new: int = 0
+    error: str = ""
+    warning: str = ""
+
+
+@dataclass
+class IssueReport:
+    number: int
+    subject: str
+    articles: int
+    html_bytes: int
+    sent: int = 0
+    failed: int = 0
+    pending: int = 0
+    skipped: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (recipient, server reply)
+    complete: bool = False
+
+
+@dataclass
+class DigestReport:
+    schedule: str
+    feeds: list[FeedReport] = field(default_factory=list)
+    issues: list[IssueReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    aborted: str = ""  # the sender could not go on; everything undelivered stays pending
+    outbox: str = ""  # where a dry run put its messages
+
+    @property
+    def ok(self) -> bool:
+        return not self.aborted and not any(i.failed or i.pending for i in self.issues)
+
+
+def fetch(config: Config, store: Store, names: list[str] | None = None) -> list[FeedReport]:
+    """Poll the feeds of the named schedules (all by default) and store new entries."""
+    urls: list[str] = []
+    for name in names or list(config.schedules):
+        for feed in config.schedule(name).feeds:
+            url = config.feed_url(feed)
+            if url not in urls:
+                urls.append(url)
+    fs = config.settings.fetch
+    reports = []
+    for result in fetch_all([store.feed_state(u) for u in urls], fs):
+        new = store.record_fetch(result, first_newest=fs.first_fetch_newest, first_days=fs.first_fetch_days)
+        reports.append(FeedReport(result.url, result.status, new, result.error, result.warning))
+    return reports
+
+
+def _list_id(name: str, schedule: Schedule) -> str:
+    if schedule.list_id:
+        return schedule.list_id
+    domain = parseaddr(schedule.from_)[1].rpartition("@")[2] or "localhost"
+    return f"{re.sub(r'[^A-Za-z0-9-]', '-', name).strip('-').lower()}.{domain}"
+
+
+class _Run:
+    """One send-digest run of one schedule: what every step needs, worked out once."""
+
+    def __init__(self, config: Config, store: Store, name: str, progress: Progress | None) -> None:
+        self.config, self.store, self.name = config, store, name
+        self.schedule = config.schedule(name)
+        self.progress = progress
+        self.subscribers: SubscriberList = load_subscribers(config.subscribers_path(self.schedule))
+        self.by_key = {s.key: s for s in self.subscribers.subscribers}
+        secret = os.environ.get("NEWSLETTER_SECRET") or store.secret("unsubscribe")
+        self.signer = URLSafeSerializer(secret, salt="newsletter.unsubscribe")
+        self.feed_urls = [config.feed_url(f) for f in self.schedule.feeds]
+
+    def recipient(self, sub: Subscriber) -> Recipient:
+        token = self.signer.dumps([self.schedule.subscribers, sub.email.lower()])
+        values = {
+            **sub.fields,
+            "email": sub.email,
+            "name": sub.name,
+            "unsubscribe_url": self.schedule.unsubscribe_url.replace("{token}", str(token)),
+        }
+        return Recipient(sub.email, sub.name, values)
+
+    def skeleton(self, issue: Issue) -> Skeleton:
+        payload = dict(issue.payload)
+        date = datetime.fromisoformat(payload.pop("date"))
+        return Skeleton(
+            RenderedIssue.from_payload(payload),
+            from_addr=self.schedule.from_,
+            reply_to=self.schedule.reply_to,
+            date=date,
+            list_id=_list_id(self.name, self.schedule),
+            list_name=self.schedule.title or self.name,
+            id_seed=f"{self.name}:{issue.number}:{issue.created_at.isoformat()}",
+        )
+
+    def sections(self, entries: list[StoredEntry]) -> list[Section]:
+        titles = {f["url"]: (f["title"] or "", f["link"] or "") for f in self.store.feeds(self.feed_urls)}
+        sections: dict[str, Section] = {}
+        for e in entries:
+            title, link = titles.get(e.feed_url, ("", ""))
+            if e.feed_url not in sections:
+                sections[e.feed_url] = Section(title or e.feed_url, link)
+            sections[e.feed_url].articles.append(article(e, title, self.schedule.excerpt_chars))
+        return list(sections.values())
+
+    def render(self, entries: list[StoredEntry], number: int, date: datetime) -> RenderedIssue:
+        return render_issue(
+            templates_dir=self.config.templates_dir,
+            title=self.schedule.title or self.name,
+            subject_template=self.schedule.subject,
+            number=number,
+            date=date,
+            sections=self.sections(entries),
+        )
+
+    def build_issue(self, force: bool, ledger: bool = True) -> Issue | None:
+        """Record the next issue; with ``ledger=False`` (a test send) it gets no deliveries."""
+        recipients = [s.email for s in self.subscribers.subscribers] if ledger else []
+        if ledger and not recipients:
+            # Building would use up the new entries with no one to read them.
+            raise ConfigError(
+                f"{self.subscribers.path}: no valid subscribers; no issue built",
+                hint="add rows with an email column, or fix the ones reported above",
+            )
+        up_to = self.store.max_entry_id()
+        limit = self.schedule.max_articles
+        entries = self.store.new_entries(self.feed_urls, self.store.watermark(self.name), up_to, limit)
+        if not entries and force:
+            entries = self.store.new_entries(self.feed_urls, 0, up_to, limit)
+        if not entries:
+            return None
+        last = self.store.issues(self.name, 1)
+        date = now()
+        rendered = self.render(entries, (last[0].number if last else 0) + 1, date)
+        return self.store.create_issue(
+            self.name,
+            watermark=up_to,
+            entry_ids=[e.id for e in entries],
+            subject=rendered.subject,
+            payload={**rendered.to_payload(), "date": date.isoformat()},
+            recipients=recipients,
+        )
+
+    def deliver(self, issue: Issue, sender: Sender) -> IssueReport:
+        skeleton = self.skeleton(issue)
+        report = IssueReport(
+            issue.number, issue.subject, len(issue.entry_ids), len(issue.payload["html"].encode())
+        )
+        label = f"{self.name}-{issue.number}"
+        for key, attempts in self.store.pending(issue.id):
+            sub = self.by_key.get(key)
+            if sub is None:
+                self.store.skip_delivery(issue.id, key, f"no longer in {self.subscribers.path.name}")
+                report.skipped += 1
+                continue
+            message_id, data = skeleton.build(self.recipient(sub))
+            try:
+                sender.send(Outgoing(skeleton.envelope_from, sub.email, message_id, data, label))
+            except TemporaryFailure as exc:
+                give_up = attempts + 1 >= self.schedule.max_attempts
+                self.store.record_delivery(issue.id, key, "failed" if give_up else "pending", str(exc))
+                report.errors.append((sub.email, str(exc)))
+            except PermanentFailure as exc:
+                self.store.record_delivery(issue.id, key, "failed", str(exc))
+                report.errors.append((sub.email, str(exc)))
+            else:
+                self.store.record_delivery(issue.id, key, "sent")
+            if self.progress:
+                self.progress(1)
+        report.complete = self.store.finish_issue_if_done(issue.id)
+        counts = self.store.delivery_counts(issue.id)
+        report.sent, report.failed = counts["sent"], counts["failed"]
+        report.pending, report.skipped = counts["pending"], counts["skipped"]
+        return report
+
+
+def pending_count(config: Config, store: Store, name: str) -> int:
+    """Messages the next send would handle for already-built issues (for a progress bar)."""
+    return sum(len(store.pending(i.id)) for i in store.unfinished_issues(name))
+
+
+def send_digest(
+    config: Config,
+    store: Store,
+    name: str,
+    *,
+    dry_run: bool = False,
+    to: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_issue: Callable[[int], None] | None = None,
+) -> DigestReport:
+    """Fetch, finish unfinished issues, build and deliver the next one.
+
+    ``dry_run`` writes every message to the outbox and changes no state; ``to`` sends the next
+    issue to one address through the schedule's sender, outside the ledger.
+    ``on_issue`` is told how many messages an issue is about to send (for a progress bar).
+    """
+    run = _Run(config, store, name, progress)
+    report = DigestReport(name, warnings=list(run.subscribers.problems))
+    if dry_run or to:
+        with store.rolled_back():
+            _send(run, report, force, dry_run, to, on_issue)
+    else:
+        _send(run, report, force, dry_run, to, on_issue)
+    return report
+
+
+def _send(
+    run: _Run,
+    report: DigestReport,
+    force: bool,
+    dry_run: bool,
+    to: str | None,
+    on_issue: Callable[[int], None] | None,
+) -> None:
+    report.feeds = fetch(run.config, run.store, [run.name])
+    sender = run.config.senders[run.schedule.sender]
+    if dry_run:
+        outbox = run.config.outbox / "dry-run"
+        sender = FileSender("dry-run", FileOptions(path=str(outbox)), run.config.base_dir)
+        report.outbox = str(outbox)
+    if to:
+        _test_send(run, report, sender, to, force)
+        return
+    issues = run.store.unfinished_issues(run.name)
+    built = run.build_issue(force)
+    if built is not None:
+        _warn_clip(run, report, built)
+        issues.append(built)
+    if not issues:
+        return
+    # The sender is opened only when there is something to send: "nothing new" needs no
+    # mail server, and a server that is down leaves the built issue pending for the next run.
+    try:
+        with sender:
+            for issue in issues:
+                if on_issue:
+                    on_issue(len(run.store.pending(issue.id)))
+                report.issues.append(run.deliver(issue, sender))
+    except DeliveryError as exc:
+        report.aborted = f"{exc}" + (f" ({exc.hint})" if exc.hint else "")
+
+
+def _warn_clip(run: _Run, report: DigestReport, issue: Issue) -> None:
+    size = len(issue.payload["html"].encode())
+    if size > 102 * 1024:
+        report.warnings.append(
+            f"issue #{issue.number} HTML is {size / 1024:.0f} KB: Gmail clips messages over 102 KB"
+            f" (lower max_articles, now {run.schedule.max_articles}, or excerpt_chars)"
+        )
+
+
+def _test_send(run: _Run, report: DigestReport, sender: Sender, to: str, force: bool) -> None:
+    issue = run.build_issue(force, ledger=False)
+    if issue is None:
+        return
+    _warn_clip(run, report, issue)
+    sub = run.by_key.get(to.lower()) or Subscriber(to)
+    skeleton = run.skeleton(issue)
+    message_id, data = skeleton.build(run.recipient(sub))
+    item = IssueReport(issue.number, issue.subject, len(issue.entry_ids), len(issue.payload["html"].encode()))
+    try:
+        with sender:
+            sender.send(Outgoing(skeleton.envelope_from, to, message_id, data, f"{run.name}-test"))
+        item.sent = 1
+    except (TemporaryFailure, PermanentFailure) as exc:
+        item.failed = 1
+        item.errors.append((to, str(exc)))
+    except DeliveryError as exc:
+        report.aborted = f"{exc}"
+    report.issues.append(item)
+
+
+@dataclass
+class CheckResult:
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check(config: Config, store: Store) -> CheckResult:
+    """Subscriber lists and templates of every schedule; the size of the issue they make now."""
+    result = CheckResult()
+    for name in config.schedules:
+        run = _Run(config, store, name, None)
+        result.warnings += run.subscribers.problems
+        latest = store.new_entries(run.feed_urls, 0, store.max_entry_id(), run.schedule.max_articles)
+        size = ""
+        if latest:
+            rendered = run.render(latest, 1, now())
+            size = f"; an issue of the latest {len(latest)} entries is {rendered.html_bytes / 1024:.0f} KB"
+            if rendered.clipped:
+                result.warnings.append(
+                    f"schedules.{name}: an issue of {len(latest)} entries is"
+                    f" {rendered.html_bytes / 1024:.0f} KB of HTML, over Gmail's 102 KB clip line"
+                    " (lower max_articles or excerpt_chars)"
+                )
+        result.lines.append(
+            f"{name}: {len(run.subscribers.subscribers)} subscriber(s),"
+            f" {len(run.feed_urls)} feed(s), sender {run.schedule.sender!r}{size}"
+        )
+    return result
+
+
+@dataclass
+class ScheduleStatus:
+    name: str
+    subscribers: int
+    waiting: int
+    issues: list[tuple[Issue, dict[str, int]]]
+    feeds: list[dict[str, object]]
+
+
+def schedule_status(config: Config, store: Store, name: str, last: int = 5) -> ScheduleStatus:
+    run = _Run(config, store, name, None)
+    waiting = store.new_entries(run.feed_urls, store.watermark(name), store.max_entry_id(), 10_000)
+    return ScheduleStatus(
+        name,
+        len(run.subscribers.subscribers),
+        len(waiting),
+        [(i, store.delivery_counts(i.id)) for i in store.issues(name, last)],
+        store.feeds(run.feed_urls),
+    )

@@ -1,0 +1,76 @@
+"""Feed HTML is untrusted: clean it before any template sees it, and derive plain text from it."""
+
+from __future__ import annotations
+
+import html
+import re
+
+import nh3
+
+# Layout and media tags that make no sense inside an email, or that clients mangle.
+_DROP = {"area", "map", "nav", "details", "summary", "header", "footer", "article", "aside"}
+TAGS = set(nh3.ALLOWED_TAGS) - _DROP
+ATTRIBUTES = {
+    "a": {"href", "title"},
+    "img": {"src", "alt", "width", "height", "title"},
+    "td": {"colspan", "rowspan"},
+    "th": {"colspan", "rowspan"},
+    "ol": {"start"},
+    "blockquote": {"cite"},
+}
+URL_SCHEMES = {"http", "https", "mailto"}
+MAX_IMAGE_WIDTH = 560  # the 600 px column less its padding
+
+_IMG = re.compile(r"<img\b[^>]*>", re.I)
+_ATTR = re.compile(r'\s(width|height|src)="([^"]*)"', re.I)
+_BLOCK = re.compile(r"<(/?)(p|div|br|li|h[1-6]|tr|td|th|blockquote|pre|ul|ol|table)\b", re.I)
+
+
+def _fix_image(match: re.Match[str]) -> str:
+    tag = match.group(0)
+    attrs = {k.lower(): v for k, v in _ATTR.findall(tag)}
+    if not attrs.get("src"):
+        return ""
+    sizes = [attrs.get("width", ""), attrs.get("height", "")]
+    # 1x1 (or 0x0) images carry no content; they are tracking pixels.
+    if any(s.strip().rstrip("px") in ("0", "1") for s in sizes):
+        return ""
+    width = attrs.get("width", "").strip().rstrip("px")
+    if width.isdigit() and int(width) > MAX_IMAGE_WIDTH:
+        # Outlook honours width attributes over CSS: a wide one would burst the column.
+        tag = re.sub(r'\s(width|height)="[^"]*"', "", tag)
+    return tag
+
+
+def clean_html(fragment: str) -> str:
+    """Strip everything that could run, submit, frame or track; keep the prose and links."""
+    cleaned = nh3.clean(
+        fragment,
+        tags=TAGS,
+        attributes=ATTRIBUTES,
+        url_schemes=URL_SCHEMES,
+        link_rel="noopener noreferrer",
+        strip_comments=True,
+    )
+    # nh3 serialises attributes with double quotes, so this pattern sees every img it left.
+    return _IMG.sub(_fix_image, cleaned).strip()
+
+
+def html_to_text(fragment: str) -> str:
+    """Readable one-paragraph text of a feed fragment (scripts and styles dropped, not shown)."""
+    spaced = _BLOCK.sub(r" <\1\2", fragment)
+    text = html.unescape(nh3.clean(spaced, tags=set()))
+    return " ".join(text.split())
+
+
+def one_line(value: str) -> str:
+    """For anything that may end up in a header: no CR, LF or other line breaks survive."""
+    return " ".join(value.split())
+
+
+def excerpt(text: str, limit: int) -> str:
+    """Cut on a word boundary and mark the cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0].rstrip(" ,.;:-")
+    return cut + "…"

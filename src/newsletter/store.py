@@ -1,0 +1,413 @@
+"""All state, behind one narrow interface: feeds, entries, issues and the delivery ledger.
+
+Only this module speaks SQL. It is SQLite today (``sqlite:///path``); a PostgreSQL store for
+several machines implements the same methods. Every delivery is committed the moment its
+result is known, so a killed process loses at most the one message that was in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import StoreError
+from .feeds import FeedEntry, FeedState, FetchResult
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS feeds (
+    url TEXT PRIMARY KEY,
+    fetch_url TEXT, etag TEXT, last_modified TEXT, title TEXT, link TEXT,
+    last_checked TEXT, last_ok TEXT, last_status TEXT, last_error TEXT,
+    consecutive_errors INTEGER NOT NULL DEFAULT 0, error_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    feed_url TEXT NOT NULL, key TEXT NOT NULL,
+    title TEXT NOT NULL, link TEXT NOT NULL, summary_html TEXT NOT NULL, author TEXT NOT NULL,
+    published TEXT NOT NULL, first_seen TEXT NOT NULL, image_url TEXT NOT NULL,
+    categories TEXT NOT NULL,
+    backlog INTEGER NOT NULL DEFAULT 0,  -- history seen on a feed's first fetch; never mailed
+    UNIQUE (feed_url, key)
+);
+CREATE TABLE IF NOT EXISTS issues (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    schedule TEXT NOT NULL, number INTEGER NOT NULL, created_at TEXT NOT NULL,
+    status TEXT NOT NULL,             -- sending | complete
+    entry_watermark INTEGER NOT NULL, -- entries up to this id were considered for this issue
+    entry_ids TEXT NOT NULL, subject TEXT NOT NULL,
+    payload TEXT NOT NULL,            -- the rendered issue, so a resumed send is identical
+    UNIQUE (schedule, number)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    issue_id INTEGER NOT NULL REFERENCES issues(id),
+    recipient TEXT NOT NULL,          -- lower-cased address
+    status TEXT NOT NULL,             -- pending | sent | failed | skipped
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (issue_id, recipient)
+);
+CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (issue_id, status);
+"""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class StoredEntry:
+    id: int
+    feed_url: str
+    title: str
+    link: str
+    summary_html: str
+    author: str
+    published: datetime
+    image_url: str
+    categories: list[str]
+
+
+@dataclass
+class Issue:
+    id: int
+    schedule: str
+    number: int
+    created_at: datetime
+    status: str
+    entry_ids: list[int]
+    subject: str
+    payload: dict[str, Any]
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        if not url.startswith("sqlite:///"):
+            raise StoreError(
+                f"unsupported database URL {url!r}",
+                hint="only sqlite:///path is built in so far",
+            )
+        self.path = url[len("sqlite:///") :]
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so what is one
+            # transaction is written down here and not left to the driver's guesses.
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process (not a power cut) and spares an
+            # fsync per delivery.
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the state database: {exc}") from None
+        self._depth = 0
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self._execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    @contextmanager
+    def rolled_back(self) -> Iterator[None]:
+        """Run a whole pipeline and then forget it: what --dry-run and --to use."""
+        self._execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        finally:
+            self.db.execute("ROLLBACK")
+            self._depth = 0
+
+    def _execute(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self.db.execute(sql, tuple(args))
+        except sqlite3.OperationalError as exc:
+            hint = "another newsletter process may hold it; try again" if "locked" in str(exc) else ""
+            raise StoreError(f"{self.path}: {exc}", hint=hint) from None
+
+    # -- meta -------------------------------------------------------------------------------
+
+    def secret(self, name: str) -> str:
+        """A per-installation random secret, made on first use (used when none is in the env)."""
+        with self.transaction():
+            row = self._execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()
+            if row:
+                return str(row["value"])
+            value = secrets.token_urlsafe(32)
+            self._execute("INSERT INTO meta (key, value) VALUES (?, ?)", (name, value))
+            return value
+
+    # -- feeds and entries ------------------------------------------------------------------
+
+    def feed_state(self, url: str) -> FeedState:
+        row = self._execute("SELECT * FROM feeds WHERE url = ?", (url,)).fetchone()
+        if not row:
+            return FeedState(url)
+        return FeedState(url, row["fetch_url"], row["etag"], row["last_modified"])
+
+    def record_fetch(self, result: FetchResult, *, first_newest: int, first_days: float | None) -> int:
+        """Store a fetch's outcome and its new entries; return how many entries are new."""
+        stamp = _iso(now())
+        with self.transaction():
+            known = self._execute("SELECT last_ok FROM feeds WHERE url = ?", (result.url,)).fetchone()
+            self._execute(
+                "INSERT INTO feeds (url, last_checked) VALUES (?, ?) ON CONFLICT (url) DO NOTHING",
+                (result.url, stamp),
+            )
+            if result.status == "error":
+                self._execute(
+                    "UPDATE feeds SET last_checked = ?, last_status = 'error', last_error = ?,"
+                    " consecutive_errors = consecutive_errors + 1, error_count = error_count + 1"
+                    " WHERE url = ?",
+                    (stamp, result.error, result.url),
+                )
+                return 0
+            self._execute(
+                "UPDATE feeds SET last_checked = ?, last_ok = ?, last_status = ?, last_error = ?,"
+                " consecutive_errors = 0, fetch_url = ?, etag = ?, last_modified = ?,"
+                " title = COALESCE(NULLIF(?, ''), title), link = COALESCE(NULLIF(?, ''), link)"
+                " WHERE url = ?",
+                (
+                    stamp,
+                    stamp,
+                    result.status,
+                    result.warning,
+                    result.fetch_url,
+                    result.etag,
+                    result.last_modified,
+                    result.title,
+                    result.link,
+                    result.url,
+                ),
+            )
+            first_fetch = not (known and known["last_ok"])
+            backlog = _backlog(result.entries, first_newest, first_days) if first_fetch else set()
+            new = 0
+            for i, e in enumerate(result.entries):
+                cur = self._execute(
+                    "INSERT INTO entries (feed_url, key, title, link, summary_html, author, published,"
+                    " first_seen, image_url, categories, backlog)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (feed_url, key) DO NOTHING",
+                    (
+                        result.url,
+                        e.key,
+                        e.title,
+                        e.link,
+                        e.summary_html,
+                        e.author,
+                        _iso(e.published) if e.published else stamp,
+                        stamp,
+                        e.image_url,
+                        json.dumps(e.categories),
+                        1 if i in backlog else 0,
+                    ),
+                )
+                new += cur.rowcount if i not in backlog else 0
+            return new
+
+    def feeds(self, urls: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        rows = self._execute("SELECT * FROM feeds ORDER BY url").fetchall()
+        wanted = set(urls) if urls is not None else None
+        return [dict(r) for r in rows if wanted is None or r["url"] in wanted]
+
+    def new_entries(
+        self, feed_urls: list[str], after_id: int, up_to_id: int, limit: int
+    ) -> list[StoredEntry]:
+        """Entries with after_id < id <= up_to_id that are not history, newest first."""
+        marks = ",".join("?" * len(feed_urls))
+        rows = self._execute(
+            f"SELECT * FROM entries WHERE feed_url IN ({marks}) AND id > ? AND id <= ?"
+            " AND backlog = 0 ORDER BY published DESC, id DESC LIMIT ?",
+            (*feed_urls, after_id, up_to_id, limit),
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def entries(self, ids: list[int]) -> list[StoredEntry]:
+        marks = ",".join("?" * len(ids))
+        rows = self._execute(f"SELECT * FROM entries WHERE id IN ({marks})", ids).fetchall()
+        by_id = {r["id"]: _entry(r) for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def max_entry_id(self) -> int:
+        return int(self._execute("SELECT COALESCE(MAX(id), 0) FROM entries").fetchone()[0])
+
+    # -- issues and the ledger ----------------------------------------------------------------
+
+    def watermark(self, schedule: str) -> int:
+        row = self._execute(
+            "SELECT COALESCE(MAX(entry_watermark), 0) FROM issues WHERE schedule = ?", (schedule,)
+        ).fetchone()
+        return int(row[0])
+
+    def create_issue(
+        self,
+        schedule: str,
+        *,
+        watermark: int,
+        entry_ids: list[int],
+        subject: str,
+        payload: dict[str, Any],
+        recipients: list[str],
+    ) -> Issue:
+        """Record an issue and one pending delivery per recipient, all or nothing."""
+        stamp = now()
+        with self.transaction():
+            number = 1 + int(
+                self._execute(
+                    "SELECT COALESCE(MAX(number), 0) FROM issues WHERE schedule = ?", (schedule,)
+                ).fetchone()[0]
+            )
+            cur = self._execute(
+                "INSERT INTO issues (schedule, number, created_at, status, entry_watermark,"
+                " entry_ids, subject, payload) VALUES (?, ?, ?, 'sending', ?, ?, ?, ?)",
+                (
+                    schedule,
+                    number,
+                    _iso(stamp),
+                    watermark,
+                    json.dumps(entry_ids),
+                    subject,
+                    json.dumps(payload),
+                ),
+            )
+            issue_id = int(cur.lastrowid or 0)
+            self.db.executemany(
+                "INSERT INTO deliveries (issue_id, recipient, status, updated_at)"
+                " VALUES (?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
+                [(issue_id, r.lower(), _iso(stamp)) for r in recipients],
+            )
+        return Issue(issue_id, schedule, number, stamp, "sending", entry_ids, subject, payload)
+
+    def unfinished_issues(self, schedule: str) -> list[Issue]:
+        rows = self._execute(
+            "SELECT * FROM issues WHERE schedule = ? AND status = 'sending' ORDER BY number",
+            (schedule,),
+        ).fetchall()
+        return [_issue(r) for r in rows]
+
+    def issues(self, schedule: str, limit: int = 5) -> list[Issue]:
+        rows = self._execute(
+            "SELECT * FROM issues WHERE schedule = ? ORDER BY number DESC LIMIT ?", (schedule, limit)
+        ).fetchall()
+        return [_issue(r) for r in rows]
+
+    def pending(self, issue_id: int) -> list[tuple[str, int]]:
+        """(recipient, attempts so far) of deliveries still to be made, in a stable order."""
+        rows = self._execute(
+            "SELECT recipient, attempts FROM deliveries WHERE issue_id = ? AND status = 'pending'"
+            " ORDER BY recipient",
+            (issue_id,),
+        ).fetchall()
+        return [(r["recipient"], r["attempts"]) for r in rows]
+
+    def record_delivery(self, issue_id: int, recipient: str, status: str, error: str = "") -> None:
+        # One autocommitted statement per delivery: the ledger is never behind the wire by
+        # more than the message in flight.
+        self._execute(
+            "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
+            " updated_at = ? WHERE issue_id = ? AND recipient = ?",
+            (status, error, _iso(now()), issue_id, recipient),
+        )
+
+    def skip_delivery(self, issue_id: int, recipient: str, reason: str) -> None:
+        self._execute(
+            "UPDATE deliveries SET status = 'skipped', last_error = ?, updated_at = ?"
+            " WHERE issue_id = ? AND recipient = ?",
+            (reason, _iso(now()), issue_id, recipient),
+        )
+
+    def finish_issue_if_done(self, issue_id: int) -> bool:
+        cur = self._execute(
+            "UPDATE issues SET status = 'complete' WHERE id = ? AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries WHERE issue_id = ? AND status = 'pending')",
+            (issue_id, issue_id),
+        )
+        return cur.rowcount > 0
+
+    def delivery_counts(self, issue_id: int) -> dict[str, int]:
+        rows = self._execute(
+            "SELECT status, COUNT(*) AS n FROM deliveries WHERE issue_id = ? GROUP BY status",
+            (issue_id,),
+        ).fetchall()
+        counts = {"sent": 0, "pending": 0, "failed": 0, "skipped": 0}
+        counts.update({r["status"]: r["n"] for r in rows})
+        return counts
+
+    def failures(self, issue_id: int) -> list[tuple[str, str, str]]:
+        rows = self._execute(
+            "SELECT recipient, status, last_error FROM deliveries WHERE issue_id = ?"
+            " AND last_error != '' AND status IN ('pending', 'failed') ORDER BY recipient",
+            (issue_id,),
+        ).fetchall()
+        return [(r["recipient"], r["status"], r["last_error"]) for r in rows]
+
+
+def _backlog(entries: list[FeedEntry], newest: int, days: float | None) -> set[int]:
+    """Indexes of entries that are history on a feed's first fetch."""
+    if days is not None:
+        cutoff = now().timestamp() - days * 86400
+        return {i for i, e in enumerate(entries) if e.published and e.published.timestamp() < cutoff}
+    undated_last = sorted(
+        range(len(entries)),
+        key=lambda i: (entries[i].published is not None, entries[i].published or now(), -i),
+        reverse=True,
+    )
+    return set(undated_last[newest:])
+
+
+def _entry(row: sqlite3.Row) -> StoredEntry:
+    return StoredEntry(
+        id=row["id"],
+        feed_url=row["feed_url"],
+        title=row["title"],
+        link=row["link"],
+        summary_html=row["summary_html"],
+        author=row["author"],
+        published=datetime.fromisoformat(row["published"]),
+        image_url=row["image_url"],
+        categories=json.loads(row["categories"]),
+    )
+
+
+def _issue(row: sqlite3.Row) -> Issue:
+    return Issue(
+        id=row["id"],
+        schedule=row["schedule"],
+        number=row["number"],
+        created_at=datetime.fromisoformat(row["created_at"]),
+        status=row["status"],
+        entry_ids=json.loads(row["entry_ids"]),
+        subject=row["subject"],
+        payload=json.loads(row["payload"]),
+    )

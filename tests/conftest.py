@@ -1,0 +1,278 @@
+"""Real servers on 127.0.0.1 for the tests: an HTTP server for feeds, aiosmtpd for mail."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from click.testing import CliRunner, Result
+
+from newsletter.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden", action="store_true", help="rewrite tests/golden/ from the current output"
+    )
+
+
+# -- feeds over HTTP -------------------------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    content_type: str = "application/rss+xml; charset=utf-8"
+    status: int = 200
+    etag: str | None = None
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class FeedServer:
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.requests.append((self.path, dict(self.headers)))
+                route = server.routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                    return
+                if route.delay:
+                    time.sleep(route.delay)
+                if route.etag and self.headers.get("If-None-Match") == route.etag:
+                    self.send_response(304)
+                    self.send_header("ETag", route.etag)
+                    self.end_headers()
+                    return
+                self.send_response(route.status)
+                self.send_header("Content-Type", route.content_type)
+                self.send_header("Content-Length", str(len(route.body)))
+                if route.etag:
+                    self.send_header("ETag", route.etag)
+                for k, v in route.headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(route.body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def hits(self, path: str) -> list[dict[str, str]]:
+        return [h for p, h in self.requests if p == path]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def feed_server() -> Iterator[FeedServer]:
+    server = FeedServer()
+    yield server
+    server.close()
+
+
+def rss(items: list[dict[str, str]], title: str = "Test Feed", link: str = "https://blog.test/") -> bytes:
+    """An RSS 2.0 document; each item may have title, link, guid, description, date."""
+    parts = []
+    for it in items:
+        xml = [f"<title>{it['title']}</title>"] if "title" in it else []
+        if "link" in it:
+            xml.append(f"<link>{it['link']}</link>")
+        if "guid" in it:
+            xml.append(f'<guid isPermaLink="false">{it["guid"]}</guid>')
+        if "date" in it:
+            xml.append(f"<pubDate>{it['date']}</pubDate>")
+        if "description" in it:
+            xml.append(f"<description><![CDATA[{it['description']}]]></description>")
+        parts.append("<item>" + "".join(xml) + "</item>")
+    return (
+        '<?xml version="1.0" encoding="utf-8"?><rss version="2.0"><channel>'
+        f"<title>{title}</title><link>{link}</link><description>d</description>"
+        + "".join(parts)
+        + "</channel></rss>"
+    ).encode()
+
+
+def item(n: int, **extra: str) -> dict[str, str]:
+    """A dated item; higher n is newer."""
+    date = format_datetime(datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=n))
+    return {
+        "title": f"Post {n}",
+        "link": f"https://blog.test/posts/{n}",
+        "guid": f"post-{n}",
+        "date": date,
+        "description": f"<p>Body of post {n}.</p>",
+        **extra,
+    }
+
+
+# -- mail over SMTP --------------------------------------------------------------------------------
+
+
+class Mailbox:
+    """aiosmtpd handler: records every message and answers chosen recipients with a code."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.rcpt_replies: dict[str, str] = {}
+        self.data_delay = 0.0
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        reply = self.rcpt_replies.get(address.lower())
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
+        with self.lock:
+            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 2.0.0 Message accepted"
+
+    def parsed(self) -> list[EmailMessage]:
+        with self.lock:
+            raw = [m[2] for m in self.messages]
+        return [email.message_from_bytes(r, policy=email.policy.default) for r in raw]  # type: ignore[misc]
+
+    def by_recipient(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        with self.lock:
+            for _, rcpts, _ in self.messages:
+                for r in rcpts:
+                    counts[r.lower()] = counts.get(r.lower(), 0) + 1
+        return counts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[tuple[Mailbox, int]]:
+    box = Mailbox()
+    port = free_port()
+    controller = Controller(box, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield box, port
+    controller.stop()
+
+
+# -- a project folder ---------------------------------------------------------------------------
+
+
+class Project:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "subscribers").mkdir()
+
+    @property
+    def config(self) -> Path:
+        return self.root / "schedules.yaml"
+
+    def write_config(self, text: str) -> None:
+        self.config.write_text(textwrap.dedent(text), encoding="utf-8")
+
+    def write_subscribers(self, rows: list[str], name: str = "readers") -> Path:
+        path = self.root / "subscribers" / f"{name}.csv"
+        path.write_text("email,name\n" + "\n".join(rows) + "\n", encoding="utf-8")
+        return path
+
+    def setup(
+        self,
+        feeds: list[str],
+        *,
+        smtp_port: int | None = None,
+        subscribers: list[str] | None = None,
+        extra_schedule: str = "",
+        templates: str = "null",
+    ) -> None:
+        sender = (
+            f"smtp\n    host: 127.0.0.1\n    port: {smtp_port}\n    timeout: 10"
+            if smtp_port
+            else "file\n    path: outbox"
+        )
+        feed_lines = "\n".join(f"          - {f}" for f in feeds)
+        self.config.write_text(
+            f"""\
+database: sqlite:///state.db
+templates: {templates}
+fetch:
+  timeout: 5
+  first_fetch_newest: 50
+senders:
+  main:
+    type: {sender}
+schedules:
+  weekly:
+    title: Test Weekly
+    feeds:
+{feed_lines}
+    subscribers: readers
+    sender: main
+    from: Test Weekly <news@example.net>
+    unsubscribe_url: https://news.example.net/unsubscribe/{{token}}
+{extra_schedule}""",
+            encoding="utf-8",
+        )
+        self.write_subscribers(
+            subscribers
+            if subscribers is not None
+            else ["ann@example.com,Ann", "bob@example.com,Bob", "cy@example.com,Cy"]
+        )
+
+    def run(self, *args: str) -> Result:
+        return CliRunner().invoke(main, ["--config", str(self.config), *args], catch_exceptions=False)
+
+    def run_process(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "newsletter", "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "NEWSLETTER_SECRET": "s"},
+        )
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
+    monkeypatch.setenv("NEWSLETTER_SECRET", "test-secret")
+    return Project(tmp_path)
