@@ -153,6 +153,9 @@ def inline_css(html: str) -> str:
         cssutils_logging_level=logging.CRITICAL,
         disable_validation=True,
         allow_network=False,
+        # Keep our width/height attributes: Outlook sizes images and tables by them, and
+        # premailer would overwrite width="560" with the CSS's width="100%".
+        disable_basic_attributes=["width", "height"],
     ).transform()
 
 
