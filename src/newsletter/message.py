@@ -44,7 +44,8 @@ def _qp_run(text: str) -> bytes:
 
 
 def header(name: str, value: str) -> bytes:
-    return _HEADERS.fold_binary(name, one_line(value))
+    """A header folded at 78 with RFC 2047 encoded-words for non-ASCII text."""
+    return _HEADERS.header_factory(name, one_line(value)).fold(policy=_HEADERS).encode("ascii")
 
 
 def raw_header(name: str, value: str) -> bytes:

@@ -1,0 +1,121 @@
+"""schedules.yaml: every mistake names the file and the key; secrets come from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from newsletter.config import load_config
+from newsletter.errors import ConfigError
+
+GOOD = """\
+senders:
+  mail:
+    type: smtp
+    host: ${SMTP_HOST}
+    port: 2525
+    username: news@example.net
+    password_env: SMTP_PASSWORD
+schedules:
+  weekly:
+    feeds: [feeds/a.xml, "https://blog.example.org/feed"]
+    subscribers: readers
+    sender: mail
+    from: News <news@example.net>
+    unsubscribe_url: https://example.net/u/{token}
+"""
+
+
+@pytest.fixture
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "subscribers").mkdir()
+    (tmp_path / "subscribers" / "readers.csv").write_text("email\nann@example.com\n")
+    monkeypatch.setenv("SMTP_HOST", "mail.example.net")
+    return tmp_path
+
+
+def load(folder: Path, text: str):  # type: ignore[no-untyped-def]
+    path = folder / "schedules.yaml"
+    path.write_text(text, encoding="utf-8")
+    return load_config(path)
+
+
+def error(folder: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(folder, text)
+    return str(info.value)
+
+
+def test_a_good_config_resolves_paths_against_its_folder(folder: Path) -> None:
+    config = load(folder, GOOD)
+    schedule = config.schedule("weekly")
+    assert config.feed_url(schedule.feeds[0]) == (folder / "feeds" / "a.xml").as_uri()
+    assert config.feed_url(schedule.feeds[1]) == "https://blog.example.org/feed"
+    assert config.database_url == f"sqlite:///{folder / 'newsletter.db'}"
+    assert config.senders["mail"].options.host == "mail.example.net"  # type: ignore[attr-defined]
+    assert schedule.max_articles == 20
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ("max_articles: 20", "max_articles: many"),
+            "schedules.weekly.max_articles: Input should be a valid integer",
+        ),
+        (("    sender: mail", "    sender: mail\n    colour: blue"), "schedules.weekly.colour: unknown key"),
+        (("    port: 2525", "    port: 2525\n    hots: x"), "senders.mail.hots: unknown key"),
+        (("    port: 2525", "    port: lots"), "senders.mail.port: Input should be a valid integer"),
+        (
+            ("    sender: mail", "    sender: post"),
+            "schedules.weekly.sender: no sender named 'post' (known: mail)",
+        ),
+        (("    subscribers: readers", "    subscribers: nobody"), "schedules.weekly.subscribers: no file"),
+        (("    type: smtp", "    type: pigeon"), "senders.mail.type: unknown sender type 'pigeon'"),
+        (("    from: News <news@example.net>\n", ""), "schedules.weekly.from: missing required key"),
+        (
+            ("https://example.net/u/{token}", "http://example.net/u/{token}"),
+            "schedules.weekly.unsubscribe_url: ",
+        ),
+        (("https://example.net/u/{token}", "https://example.net/u/"), "must contain {token}"),
+        (
+            ("    from: News <news@example.net>", "    from: nobody"),
+            "schedules.weekly.from: Value error, not an email",
+        ),
+        (
+            ("${SMTP_HOST}", "${NOT_SET_ANYWHERE}"),
+            "senders.mail.host: environment variable NOT_SET_ANYWHERE is not set",
+        ),
+    ],
+)
+def test_mistakes_name_the_file_and_the_key(folder: Path, change: tuple[str, str], expected: str) -> None:
+    text = GOOD.replace("unsubscribe_url", "max_articles: 20\n    unsubscribe_url")
+    old, new = change
+    assert old in text
+    message = error(folder, text.replace(old, new))
+    assert str(folder / "schedules.yaml") in message
+    assert expected in message
+
+
+def test_bad_yaml_names_the_line(folder: Path) -> None:
+    message = error(folder, GOOD.replace("    port: 2525", "    port: [2525"))
+    assert "schedules.yaml:" in message and "bad YAML" in message
+
+
+def test_default_from_environment_variable(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SMTP_HOST")
+    config = load(folder, GOOD.replace("${SMTP_HOST}", "${SMTP_HOST:-localhost}"))
+    assert config.senders["mail"].options.host == "localhost"  # type: ignore[attr-defined]
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_smtp_cannot_be_both_starttls_and_ssl(folder: Path) -> None:
+    message = error(
+        folder, GOOD.replace("    port: 2525", "    port: 2525\n    starttls: true\n    ssl: true")
+    )
+    assert "senders.mail" in message and "not both" in message
