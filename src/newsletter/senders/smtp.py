@@ -23,6 +23,7 @@ class SmtpOptions(SenderOptions):
     timeout: float = Field(30.0, gt=0)
     rate_limit: float | None = Field(None, gt=0, description="messages per second at most")
     local_hostname: str | None = None
+    ca_file: str | None = Field(None, description="CA bundle for a server with a private certificate")
 
     @model_validator(mode="after")
     def _one_tls(self) -> SmtpOptions:
@@ -59,7 +60,8 @@ class SmtpSender(Sender):
 
     def _connect(self) -> smtplib.SMTP:
         opts = self.options
-        context = ssl.create_default_context()
+        ca_file = str(self.base_dir / opts.ca_file) if opts.ca_file else None
+        context = ssl.create_default_context(cafile=ca_file)
         where = f"{opts.host}:{self.port}"
         try:
             if opts.ssl:

@@ -1,0 +1,229 @@
+"""Senders: plugins through entry points, and the SMTP sender against real aiosmtpd servers."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from conftest import FeedServer, Mailbox, Project, Route, free_port, item, rss
+from newsletter.errors import DeliveryError
+from newsletter.senders import Outgoing, sender_types
+from newsletter.senders.smtp import SmtpOptions, SmtpSender
+
+
+def test_built_in_senders_come_from_the_entry_point_group() -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="newsletter.senders")}
+    assert names["smtp"] == "newsletter.senders.smtp:SmtpSender"
+    assert names["file"] == "newsletter.senders.file:FileSender"
+    assert sender_types()["smtp"] is SmtpSender
+
+
+PLUGIN = """
+from pathlib import Path
+from newsletter.senders import Sender, SenderOptions
+
+class MemoOptions(SenderOptions):
+    folder: str
+
+class MemoSender(Sender):
+    Options = MemoOptions
+
+    def send(self, message):
+        path = self.base_dir / self.options.folder / (message.recipient + ".txt")
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(message.data)
+"""
+
+
+@pytest.fixture
+def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """An installed third-party package that registers a `memo` sender, as pip would lay it out."""
+    site = tmp_path / "site"
+    (site / "memo_sender.py").parent.mkdir()
+    (site / "memo_sender.py").write_text(PLUGIN)
+    info = site / "memo_sender-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: memo-sender\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[newsletter.senders]\nmemo = memo_sender:MemoSender\n")
+    monkeypatch.syspath_prepend(str(site))
+    sender_types.cache_clear()
+    yield
+    sender_types.cache_clear()
+
+
+def test_a_third_party_sender_plugs_in_through_its_entry_point(
+    third_party: None, project: Project, feed_server: FeedServer
+) -> None:
+    feed_server.routes["/feed.xml"] = Route(rss([item(1)]))
+    project.setup([feed_server.url("/feed.xml")])
+    text = project.config.read_text().replace("type: file\n    path: outbox", "type: memo\n    folder: memos")
+    project.config.write_text(text)
+    result = project.run("send-digest", "weekly")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (project.root / "memos").iterdir()) == [
+        "ann@example.com.txt",
+        "bob@example.com.txt",
+        "cy@example.com.txt",
+    ]
+    # Its options are validated like a built-in's.
+    project.config.write_text(text.replace("folder: memos", "fodler: memos"))
+    bad = project.run("check")
+    assert bad.exit_code == 2 and "senders.main.fodler: unknown key" in bad.output
+
+
+# -- SMTP against real servers ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and data.login == b"news" and data.password == b"s3cret"
+    return AuthResult(success=ok, handled=False)
+
+
+def serve(box: Mailbox, certificate: tuple[Path, Path], implicit: bool) -> tuple[Controller, int]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*map(str, certificate))
+    port = free_port()
+    kwargs: dict[str, Any] = {"authenticator": authenticator, "auth_required": True}
+    if implicit:
+        # aiosmtpd does not count an implicit-TLS socket as TLS for its AUTH check.
+        kwargs.update(ssl_context=context, auth_require_tls=False)
+    else:
+        kwargs.update(tls_context=context, require_starttls=True)
+    controller = Controller(box, hostname="127.0.0.1", port=port, **kwargs)
+    controller.start()
+    return controller, port
+
+
+def message(to: str) -> Outgoing:
+    data = f"From: news@example.net\r\nTo: {to}\r\nSubject: hi\r\n\r\nhello\r\n".encode()
+    return Outgoing("news@example.net", to, "<1@example.net>", data, "t-1")
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+@pytest.mark.parametrize("mode", ["starttls", "ssl"])
+def test_tls_and_auth(mode: str, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    box = Mailbox()
+    controller, port = serve(box, certificate, implicit=mode == "ssl")
+    monkeypatch.setenv("SMTP_PASSWORD", "s3cret")
+    try:
+        opts = SmtpOptions(
+            host="127.0.0.1",
+            port=port,
+            username="news",
+            password_env="SMTP_PASSWORD",
+            ca_file=str(certificate[0]),
+            timeout=10,
+            **{mode: True},
+        )
+        with SmtpSender("mail", opts, Path(".")) as sender:
+            sender.send(message("ann@example.com"))
+            sender.send(message("bob@example.com"))
+        assert box.by_recipient() == {"ann@example.com": 1, "bob@example.com": 1}
+
+        monkeypatch.setenv("SMTP_PASSWORD", "wrong")
+        with pytest.raises(DeliveryError, match="refused the login"):
+            SmtpSender("mail", opts, Path(".")).open()
+    finally:
+        controller.stop()
+
+
+def test_an_untrusted_certificate_is_refused(certificate: tuple[Path, Path]) -> None:
+    box = Mailbox()
+    controller, port = serve(box, certificate, implicit=False)
+    try:
+        opts = SmtpOptions(host="127.0.0.1", port=port, starttls=True, timeout=10)
+        with pytest.raises(DeliveryError, match="CERTIFICATE_VERIFY_FAILED"):
+            SmtpSender("mail", opts, Path(".")).open()
+    finally:
+        controller.stop()
+
+
+class Dropper(Mailbox):
+    """Drops the connection at the third RCPT, as an overloaded server does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rcpts = 0
+        self.connections = 0
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        self.connections += 1
+        session.host_name = hostname
+        return responses
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        self.rcpts += 1
+        if self.rcpts == 3:
+            server.transport.close()
+            return "421 closing"
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+def test_one_connection_for_many_messages_and_a_dropped_one_is_reopened() -> None:
+    box = Dropper()
+    port = free_port()
+    controller = Controller(box, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        opts = SmtpOptions(host="127.0.0.1", port=port, timeout=10)
+        with SmtpSender("mail", opts, Path(".")) as sender:
+            for n in range(6):
+                sender.send(message(f"r{n}@example.com"))
+        assert box.by_recipient() == {f"r{n}@example.com": 1 for n in range(6)}
+        assert box.connections == 2
+    finally:
+        controller.stop()
+
+
+def test_rate_limit_spaces_the_messages(smtp_server: tuple[Mailbox, int]) -> None:
+    box, port = smtp_server
+    opts = SmtpOptions(host="127.0.0.1", port=port, rate_limit=20, timeout=10)
+    start = time.monotonic()
+    with SmtpSender("mail", opts, Path(".")) as sender:
+        for n in range(5):
+            sender.send(message(f"r{n}@example.com"))
+    # Five messages at 20 a second need at least four intervals of 50 ms.
+    assert time.monotonic() - start >= 0.2
+    assert len(box.messages) == 5
