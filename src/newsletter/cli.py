@@ -5,14 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import digest
-from .config import Config, load_config
 from .errors import NewsletterError
-from .store import Store
+
+if TYPE_CHECKING:
+    from . import digest
+    from .config import Config
+    from .store import Store
 
 
 class State:
@@ -23,11 +25,15 @@ class State:
     @property
     def config(self) -> Config:
         if self._config is None:
+            from .config import load_config  # imported late: --help stays instant
+
             self._config = load_config(self.config_path)
         return self._config
 
     @contextmanager
     def store(self) -> Iterator[Store]:
+        from .store import Store
+
         store = Store(self.config.database_url)
         try:
             yield store
@@ -65,6 +71,12 @@ def main(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj = State(config_path)
 
 
+def _digest() -> Any:
+    from . import digest
+
+    return digest
+
+
 def _schedules(state: State, name: str | None) -> list[str]:
     if name is None:
         return list(state.config.schedules)
@@ -88,7 +100,7 @@ def check(state: State) -> None:
     """Validate schedules.yaml, subscriber lists and templates; print what is wrong."""
     config = state.config
     with state.store() as store:
-        result = digest.check(config, store)
+        result = _digest().check(config, store)
     for line in result.lines:
         click.echo(line)
     for warning in result.warnings:
@@ -103,7 +115,7 @@ def fetch(state: State, schedule: str | None) -> None:
     """Poll the feeds (of SCHEDULE, or of all schedules) and store new entries."""
     names = _schedules(state, schedule)
     with state.store() as store:
-        reports = digest.fetch(state.config, store, names)
+        reports = _digest().fetch(state.config, store, names)
     _print_feeds(reports)
     new = sum(f.new for f in reports)
     errors = sum(f.status == "error" for f in reports)
@@ -150,7 +162,7 @@ def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, forc
     config = state.config
     config.schedule(schedule)
     with state.store() as store, _progress() as (on_issue, progress):
-        report = digest.send_digest(
+        report = _digest().send_digest(
             config,
             store,
             schedule,
@@ -191,7 +203,7 @@ def status(state: State, schedule: str | None) -> None:
     names = _schedules(state, schedule)
     with state.store() as store:
         for name in names:
-            s = digest.schedule_status(state.config, store, name)
+            s = _digest().schedule_status(state.config, store, name)
             click.echo(f"{name}: {s.subscribers} subscriber(s), {s.waiting} new entries waiting")
             if not s.issues:
                 click.echo("  no issues yet")
