@@ -23,9 +23,11 @@ from urllib.request import url2pathname
 
 import feedparser
 import requests
+import urllib3
 
 from .config import FetchSettings
 from .errors import FeedError
+from .sanitize import html_to_text
 
 
 @dataclass
@@ -87,18 +89,20 @@ def _download(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[st
                 result.etag, result.last_modified = state.etag, state.last_modified
                 return b"", {}, result
             if resp.status_code >= 400:
-                hint = " (gone for good: remove it from schedules.yaml)" if resp.status_code == 410 else ""
-                raise FeedError(f"{url}: HTTP {resp.status_code} {resp.reason}{hint}")
+                gone = " (gone for good: remove it from schedules.yaml)" if resp.status_code == 410 else ""
+                raise FeedError(f"HTTP {resp.status_code} {resp.reason}{gone}")
             declared = resp.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > settings.max_bytes:
-                raise FeedError(f"{url}: {int(declared):,} bytes is over the {settings.max_bytes:,} byte cap")
+                raise FeedError(f"{int(declared):,} bytes is over the {settings.max_bytes:,} byte cap")
             chunks, size = [], 0
-            for chunk in resp.iter_content(64 * 1024):
+            # read1 returns whatever has arrived, so a body that trickles in byte by byte
+            # still meets the deadline; iter_content would wait for a full chunk.
+            while chunk := resp.raw.read1(64 * 1024, decode_content=True):
                 size += len(chunk)
                 if size > settings.max_bytes:
-                    raise FeedError(f"{url}: more than the {settings.max_bytes:,} byte cap; not read")
+                    raise FeedError(f"more than the {settings.max_bytes:,} byte cap; not read")
                 if time.monotonic() > deadline:
-                    raise FeedError(f"{url}: still downloading after {settings.timeout:g} s; gave up")
+                    raise FeedError(f"still downloading after {settings.timeout:g} s; gave up")
                 chunks.append(chunk)
             result.etag = resp.headers.get("ETag")
             result.last_modified = resp.headers.get("Last-Modified")
@@ -108,9 +112,9 @@ def _download(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[st
             }
             return b"".join(chunks), info, result
     except requests.Timeout:
-        raise FeedError(f"{url}: no answer within {settings.timeout:g} s") from None
-    except requests.RequestException as exc:
-        raise FeedError(f"{url}: {exc.__class__.__name__}: {exc}") from None
+        raise FeedError(f"no answer within {settings.timeout:g} s") from None
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+        raise FeedError(f"{exc.__class__.__name__}: {exc}") from None
 
 
 def _read_file(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[str, str], FetchResult]:
@@ -122,10 +126,10 @@ def _read_file(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[s
         if stamp == state.last_modified:
             return b"", {}, FetchResult(state.url, "not-modified", last_modified=stamp)
         if stat.st_size > settings.max_bytes:
-            raise FeedError(f"{path}: {stat.st_size:,} bytes is over the {settings.max_bytes:,} byte cap")
+            raise FeedError(f"{stat.st_size:,} bytes is over the {settings.max_bytes:,} byte cap")
         data = path.read_bytes()
     except OSError as exc:
-        raise FeedError(f"{path}: cannot read: {exc.strerror}") from None
+        raise FeedError(f"cannot read {path}: {exc.strerror}") from None
     return (
         data,
         {"content-type": "", "content-location": ""},
@@ -146,10 +150,11 @@ def fetch_feed(state: FeedState, settings: FetchSettings) -> FetchResult:
             )
         return result
     except FeedError as exc:
-        message = str(exc)
-        if not message.startswith((state.url, state.fetch_url or state.url)):
-            message = f"{state.url}: {message}"
-        return FetchResult(state.url, "error", error=message, fetch_url=state.fetch_url)
+        # Name the feed as schedules.yaml does, so the user can find it there.
+        where = state.url
+        if state.fetch_url and state.fetch_url != state.url:
+            where += f" (moved to {state.fetch_url})"
+        return FetchResult(state.url, "error", error=f"{where}: {exc}", fetch_url=state.fetch_url)
 
 
 def fetch_all(states: Iterable[FeedState], settings: FetchSettings) -> list[FetchResult]:
@@ -213,7 +218,8 @@ def _image_of(entry: Any) -> str:
     return ""
 
 
-_CLOSED = re.compile(rb"</(?:[A-Za-z_][\w.-]*:)?(?:rss|feed|RDF)>\s*$")
+# The root element closed, perhaps followed by comments (caching plugins append them).
+_CLOSED = re.compile(rb"</(?:[A-Za-z_][\w.-]*:)?(?:rss|feed|RDF)>\s*(?:<!--.*?-->\s*)*$", re.S)
 
 
 def parse_feed(data: bytes, content_type: str, base_url: str) -> tuple[str, str, list[FeedEntry], str]:
@@ -231,14 +237,16 @@ def parse_feed(data: bytes, content_type: str, base_url: str) -> tuple[str, str,
     warning = ""
     if parsed.get("bozo"):
         problem = parsed.get("bozo_exception")
-        if not _CLOSED.search(data[-512:]):
+        if not _CLOSED.search(data[-4096:]):
             # A cut-off document: its last entry may be half there, and once stored an entry
             # is never updated. Refuse it all and try again on the next fetch.
             raise FeedError(f"not a feed: truncated or malformed XML ({problem}); nothing stored")
         warning = f"feed has errors but was read: {problem}"
     feed = parsed.feed
-    title = str(feed.get("title", ""))
+    title = _text_of(feed, "title")
     link = str(feed.get("link", ""))
+    # Atom (RFC 4287 4.2.1): an entry without an author has the feed's.
+    feed_author = str((feed.get("author_detail") or {}).get("name") or feed.get("author", ""))
     # Links that are still relative after xml:base resolution are relative to the site;
     # for a local file the feed's own <link> is the only base there is.
     base = base_url if base_url.startswith("http") else link
@@ -249,20 +257,36 @@ def parse_feed(data: bytes, content_type: str, base_url: str) -> tuple[str, str,
             body = str(e.content[0].get("value", ""))
         body = str(e.get("summary", "")) or body
         entry_link = _absolute(base, str(e.get("link", "")))
+        entry_title = _text_of(e, "title")
         entries.append(
             FeedEntry(
-                key=_entry_key(str(e.get("id", "")), entry_link, str(e.get("title", "")), body),
-                title=str(e.get("title", "")),
+                key=_entry_key(str(e.get("id", "")), entry_link, entry_title, body),
+                title=entry_title,
                 link=entry_link,
                 summary_html=body,
                 # RSS <author> is "mail (Name)"; feedparser splits the name out.
-                author=str((e.get("author_detail") or {}).get("name") or e.get("author", "")),
+                author=str((e.get("author_detail") or {}).get("name") or e.get("author", "")) or feed_author,
                 published=_struct_to_dt(e.get("published_parsed") or e.get("updated_parsed")),
                 image_url=_absolute(base, _image_of(e)),
                 categories=[str(t.get("term")) for t in e.get("tags", []) or [] if t.get("term")],
             )
         )
     return title, link, entries, warning
+
+
+def _text_of(node: Any, key: str) -> str:
+    """A title as plain text: Atom allows type="html" and "xhtml" titles."""
+    value = str(node.get(key, ""))
+    kind = (node.get(f"{key}_detail") or {}).get("type", "")
+    return html_to_text(value) if kind in ("text/html", "application/xhtml+xml") else value
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _names(authors: list[Any]) -> str:
+    return ", ".join(str(a["name"]) for a in authors if isinstance(a, dict) and a.get("name"))
 
 
 def _parse_json_feed(data: bytes, base_url: str) -> tuple[str, str, list[FeedEntry], str]:
@@ -277,7 +301,15 @@ def _parse_json_feed(data: bytes, base_url: str) -> tuple[str, str, list[FeedEnt
         raise FeedError("JSON Feed without an items list")
     link = str(doc.get("home_page_url") or "")
     base = base_url if base_url.startswith("http") else link
+
+    def authors_of(node: dict[str, Any]) -> str:
+        # 1.1 has "authors"; 1.0 had a single "author".
+        single = node.get("author")
+        return _names(_list(node.get("authors")) or ([single] if isinstance(single, dict) else []))
+
+    feed_author = authors_of(doc)
     entries = []
+    # Fields of the wrong type are ignored rather than trusted: the feed is untrusted input.
     for item in items:
         if not isinstance(item, dict):
             continue
@@ -285,27 +317,23 @@ def _parse_json_feed(data: bytes, base_url: str) -> tuple[str, str, list[FeedEnt
         if not body and item.get("content_text"):
             body = "<p>" + escape(str(item["content_text"])) + "</p>"
         entry_link = _absolute(base, str(item.get("url") or item.get("external_url") or ""))
-        authors = item.get("authors") or ([item["author"]] if isinstance(item.get("author"), dict) else [])
         image = str(item.get("image") or item.get("banner_image") or "")
         if not image:
-            for att in item.get("attachments") or []:
+            for att in _list(item.get("attachments")):
                 if isinstance(att, dict) and str(att.get("mime_type", "")).startswith("image/"):
                     image = str(att.get("url", ""))
                     break
+        title = str(item.get("title") or "")
         entries.append(
             FeedEntry(
-                key=_entry_key(
-                    str(item.get("id") or ""), entry_link, str(item.get("title") or ""), str(body)
-                ),
-                title=str(item.get("title") or ""),
+                key=_entry_key(str(item.get("id") or ""), entry_link, title, str(body)),
+                title=title,
                 link=entry_link,
                 summary_html=str(body),
-                author=", ".join(
-                    str(a.get("name")) for a in authors if isinstance(a, dict) and a.get("name")
-                ),
+                author=authors_of(item) or feed_author,
                 published=_iso_to_dt(item.get("date_published") or item.get("date_modified")),
                 image_url=_absolute(base, image),
-                categories=[str(t) for t in item.get("tags") or [] if isinstance(t, str)],
+                categories=[str(t) for t in _list(item.get("tags")) if isinstance(t, str)],
             )
         )
     return str(doc.get("title") or ""), link, entries, ""
