@@ -5,8 +5,11 @@ from __future__ import annotations
 import email
 import email.policy
 import html
+import re
 from datetime import UTC, datetime
+from email.header import decode_header, make_header
 from email.message import EmailMessage
+from email.utils import parseaddr
 
 import pytest
 
@@ -98,6 +101,24 @@ def test_non_ascii_names_and_subjects_are_encoded_and_round_trip() -> None:
     msg = parse(data)
     assert msg["Subject"] == "Weekly: Café ☕ and naïve résumé"
     assert msg["To"].addresses[0].display_name == "Zoë Ñandú"
+
+
+@pytest.mark.parametrize("name", ["🎉" * 200, "Zoë " * 100, "x" * 5000])
+def test_long_names_are_folded_into_short_lines_and_round_trip(name: str) -> None:
+    _, data = skeleton(rendered()).build(recipient(name=name))
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert all(len(line) <= 998 for line in head)
+    to = parse(data)["To"]
+    assert to.addresses[0].addr_spec == "ann@example.com"
+    # Decoded by RFC 2047 6.2, which drops the space between adjacent encoded-words; CPython's
+    # new header parser keeps it (and so does its own folding), mail clients do not.
+    unfolded = re.search(rb"^To: (.*?)\r\n(?! )", data, re.S | re.M)
+    assert unfolded
+    display, addr = parseaddr(
+        str(make_header(decode_header(unfolded.group(1).replace(b"\r\n", b"").decode())))
+    )
+    assert addr == "ann@example.com"
+    assert display == " ".join(name.split())[:200].rstrip()
 
 
 @pytest.mark.parametrize(

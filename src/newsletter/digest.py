@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parseaddr
 
-from itsdangerous import URLSafeSerializer
-
 from .config import Config, Schedule
 from .errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from .feeds import fetch_all
@@ -25,6 +23,7 @@ from .senders import Outgoing, Sender
 from .senders.file import FileOptions, FileSender
 from .store import Issue, Store, StoredEntry, now
 from .subscribers import Subscriber, SubscriberList, load_subscribers
+from .tokens import UnsubscribeTokens
 
 Progress = Callable[[int], None]  # called with how many messages were just handled
 
@@ -99,16 +98,16 @@ class _Run:
         self.subscribers: SubscriberList = load_subscribers(config.subscribers_path(self.schedule))
         self.by_key = {s.key: s for s in self.subscribers.subscribers}
         secret = os.environ.get("NEWSLETTER_SECRET") or store.secret("unsubscribe")
-        self.signer = URLSafeSerializer(secret, salt="newsletter.unsubscribe")
+        self.tokens = UnsubscribeTokens(secret)
         self.feed_urls = [config.feed_url(f) for f in self.schedule.feeds]
 
     def recipient(self, sub: Subscriber) -> Recipient:
-        token = self.signer.dumps([self.schedule.subscribers, sub.email.lower()])
+        token = self.tokens.make(self.schedule.subscribers, sub.email)
         values = {
             **sub.fields,
             "email": sub.email,
             "name": sub.name,
-            "unsubscribe_url": self.schedule.unsubscribe_url.replace("{token}", str(token)),
+            "unsubscribe_url": self.schedule.unsubscribe_url.replace("{token}", token),
         }
         return Recipient(sub.email, sub.name, values)
 
@@ -173,19 +172,24 @@ class _Run:
             recipients=recipients,
         )
 
-    def deliver(self, issue: Issue, sender: Sender) -> IssueReport:
+    def deliver(self, issue: Issue, sender: Sender, pending: list[tuple[str, int]]) -> IssueReport:
         skeleton = self.skeleton(issue)
         report = IssueReport(
             issue.number, issue.subject, len(issue.entry_ids), len(issue.payload["html"].encode())
         )
         label = f"{self.name}-{issue.number}"
-        for key, attempts in self.store.pending(issue.id):
+        for key, attempts in pending:
             sub = self.by_key.get(key)
             if sub is None:
                 self.store.skip_delivery(issue.id, key, f"no longer in {self.subscribers.path.name}")
                 report.skipped += 1
                 continue
-            message_id, data = skeleton.build(self.recipient(sub))
+            try:
+                message_id, data = skeleton.build(self.recipient(sub))
+            except ValueError as exc:  # a value that cannot go into a header, say
+                self.store.record_delivery(issue.id, key, "failed", f"cannot build the message: {exc}")
+                report.errors.append((sub.email, f"cannot build the message: {exc}"))
+                continue
             try:
                 sender.send(Outgoing(skeleton.envelope_from, sub.email, message_id, data, label))
             except TemporaryFailure as exc:
@@ -204,11 +208,6 @@ class _Run:
         report.sent, report.failed = counts["sent"], counts["failed"]
         report.pending, report.skipped = counts["pending"], counts["skipped"]
         return report
-
-
-def pending_count(config: Config, store: Store, name: str) -> int:
-    """Messages the next send would handle for already-built issues (for a progress bar)."""
-    return sum(len(store.pending(i.id)) for i in store.unfinished_issues(name))
 
 
 def send_digest(
@@ -267,9 +266,10 @@ def _send(
     try:
         with sender:
             for issue in issues:
+                pending = run.store.pending(issue.id)
                 if on_issue:
-                    on_issue(len(run.store.pending(issue.id)))
-                report.issues.append(run.deliver(issue, sender))
+                    on_issue(len(pending))
+                report.issues.append(run.deliver(issue, sender, pending))
     except DeliveryError as exc:
         report.aborted = f"{exc}" + (f" ({exc.hint})" if exc.hint else "")
 

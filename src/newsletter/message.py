@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email import policy
+from email.header import Header
 from email.quoprimime import body_encode
 from email.utils import format_datetime, formataddr, parseaddr
 
@@ -53,6 +54,17 @@ def raw_header(name: str, value: str) -> bytes:
     if len(line) > MAX_LINE or not line.isascii():
         raise ValueError(f"{name} header would be {len(line)} characters or not ASCII: {line[:80]}")
     return line.encode("ascii") + CRLF
+
+
+def to_header(name: str, address: str) -> bytes:
+    """The To header without the cost of the header registry's parser (it runs per message)."""
+    name = one_line(name)[:200].rstrip()
+    if name.isascii():
+        return raw_header("To", formataddr((name, address)))
+    # Header splits a long name into encoded-words of at most 75 characters (RFC 2047),
+    # folded onto continuation lines; formataddr would write one overlong word.
+    words = Header(name, "utf-8", header_name="To").encode(linesep="\r\n")
+    return f"To: {words} <{address}>\r\n".encode("ascii")
 
 
 Plan = list[bytes | int]  # encoded static runs and indexes of per-subscriber fields
@@ -127,8 +139,7 @@ class Skeleton:
         message_id = self.message_id(recipient.email)
         head = b"".join(
             (
-                # formataddr quotes and RFC 2047-encodes the name: ASCII out, no parsing cost.
-                raw_header("To", formataddr((one_line(recipient.name)[:200], recipient.email))),
+                to_header(recipient.name, recipient.email),
                 raw_header("Message-ID", message_id),
                 raw_header("List-Unsubscribe", f"<{recipient.values['unsubscribe_url']}>"),
             )
