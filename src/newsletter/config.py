@@ -14,9 +14,11 @@ from typing import Any
 
 import jinja2
 import yaml
+from apscheduler.triggers.base import BaseTrigger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .schedule import parse_duration, parse_when, zone
 from .senders import Sender, sender_types
 
 DEFAULT_CONFIG = "schedules.yaml"
@@ -36,6 +38,14 @@ class FetchSettings(Strict):
     # schedule to a feed with years of history does not mail all of it.
     first_fetch_newest: int = Field(5, ge=0)
     first_fetch_days: float | None = Field(None, gt=0)
+    # How often the daemon polls each feed; a feed's own <ttl> wins when it is longer.
+    interval: str | int = "15m"
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: str | int) -> str | int:
+        parse_duration(value)
+        return value
 
 
 class Schedule(Strict):
@@ -51,6 +61,23 @@ class Schedule(Strict):
     unsubscribe_url: str = Field(description="https URL with {token}; also used for List-Unsubscribe")
     list_id: str | None = None
     max_attempts: int = Field(8, ge=1, description="4xx retries before a delivery is failed")
+    when: str | None = Field(None, description="when the daemon sends: 'daily at 08:00', cron...")
+    timezone: str | None = None  # default: the config's timezone
+    misfire_grace: str | int = "3h"  # a run missed while the daemon was down, caught up within this
+    retry_every: str | int = "15m"  # deferred (4xx) deliveries are retried this often by the daemon
+
+    @field_validator("misfire_grace", "retry_every")
+    @classmethod
+    def _duration(cls, value: str | int) -> str | int:
+        parse_duration(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            zone(value)
+        return value
 
     @field_validator("from_", "reply_to")
     @classmethod
@@ -88,6 +115,12 @@ class Settings(Strict):
     senders: dict[str, dict[str, Any]]
     schedules: dict[str, Schedule] = Field(min_length=1)
 
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        zone(value)
+        return value
+
 
 class Config:
     """A validated configuration with paths resolved against its own folder."""
@@ -110,6 +143,12 @@ class Config:
             raise ConfigError(
                 f"{self.path}: no schedule named {name!r}", hint=f"known schedules: {known}"
             ) from None
+
+    def trigger(self, name: str) -> BaseTrigger | None:
+        schedule = self.schedule(name)
+        if not schedule.when:
+            return None
+        return parse_when(schedule.when, schedule.timezone or self.settings.timezone)
 
     def resolve(self, value: str) -> Path:
         return (self.base_dir / value).resolve()
@@ -222,6 +261,11 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
                 f"{path}: schedules.{name}.sender: no sender named {schedule.sender!r}"
                 f" (known: {', '.join(settings.senders) or 'none'})"
             )
+        if schedule.when:
+            try:
+                parse_when(schedule.when, schedule.timezone or settings.timezone)
+            except ValueError as exc:
+                problems.append(f"{path}: schedules.{name}.when: {exc}")
         csv_path = config.subscribers_path(schedule)
         if not csv_path.is_file():
             problems.append(f"{path}: schedules.{name}.subscribers: no file {csv_path}")

@@ -1,0 +1,143 @@
+"""When schedules fire: cron expressions and readable shorthands, in an IANA timezone.
+
+``daily at 08:00``, ``weekdays at 07:30``, ``weekly on monday at 08:00``,
+``monthly on the first tuesday [at 09:00]``, ``monthly on day 15 [at 09:00]``,
+``every 10 minutes`` (also seconds and hours), or five cron fields (``0 8 * * mon``).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+ORDINALS = {"first": "1st", "second": "2nd", "third": "3rd", "fourth": "4th", "fifth": "5th", "last": "last"}
+_AT = r"(?:\s+at\s+(?P<hour>\d{1,2}):(?P<minute>\d{2}))?"
+_DAY = r"(?P<day>mon|tue|wed|thu|fri|sat|sun)[a-z]*"
+_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|seconds?|m|min|minutes?|h|hours?|d|days?)?\s*$")
+
+
+def parse_duration(value: str | int | float) -> timedelta:
+    """``90``, ``"90s"``, ``"15m"``, ``"3h"``, ``"1d"``."""
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (write e.g. 90s, 15m, 3h or 1d)")
+    unit = (match.group(2) or "s")[0]
+    return timedelta(seconds=float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+
+
+def zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {name!r} (use an IANA name such as Europe/Lisbon)") from None
+
+
+class WallClockTrigger(BaseTrigger):
+    """A cron trigger that counts in local wall-clock time.
+
+    APScheduler's CronTrigger, given a zoneinfo timezone, fires twice on the night clocks go
+    back (02:30 happens twice) and can then keep returning a time in the past. Here the cron
+    rules run on the wall clock read as if it were UTC, where no hour repeats or vanishes,
+    and only the result is placed in the real timezone: a repeated hour fires once (the first
+    time), a skipped hour fires once, an hour later on the wall clock.
+    """
+
+    def __init__(self, tz: ZoneInfo, **fields: str) -> None:
+        self.tz = tz
+        self.cron = CronTrigger(timezone=UTC, **fields)
+
+    def _wall(self, when: datetime) -> datetime:
+        return when.astimezone(self.tz).replace(tzinfo=UTC, fold=0)
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        prev = self._wall(previous_fire_time) if previous_fire_time else None
+        wall_now = self._wall(now)
+        if prev is not None and wall_now <= prev:
+            wall_now = prev + timedelta(seconds=1)
+        nxt = self.cron.get_next_fire_time(prev, wall_now)
+        return None if nxt is None else nxt.replace(tzinfo=self.tz).astimezone(UTC)
+
+    def __str__(self) -> str:
+        return f"{self.cron} ({self.tz.key}, wall clock)"
+
+
+def parse_when(text: str, tz: tzinfo | str = "UTC") -> BaseTrigger:
+    """A trigger for ``when:``; ValueError with the accepted forms when it cannot be read."""
+    tzi = zone(tz) if isinstance(tz, str) else tz
+    assert isinstance(tzi, ZoneInfo)
+    spec = " ".join(text.lower().split())
+
+    def at(m: re.Match[str]) -> dict[str, str]:
+        hour, minute = int(m.group("hour") or 8), int(m.group("minute") or 0)
+        if hour > 23 or minute > 59:
+            raise ValueError(f"{text!r}: no such time of day")
+        return {"hour": str(hour), "minute": str(minute), "second": "0"}
+
+    if m := re.fullmatch(r"every (\d+) (second|minute|hour|day)s?", spec):
+        seconds = int(m.group(1)) * _UNITS[m.group(2)]
+        if seconds <= 0:
+            raise ValueError(f"{text!r}: the interval must be positive")
+        return IntervalTrigger(seconds=seconds, timezone=tzi)
+    if m := re.fullmatch(r"(?:daily|every day)" + _AT, spec):
+        return WallClockTrigger(tzi, **at(m))
+    if m := re.fullmatch(r"weekdays" + _AT, spec):
+        return WallClockTrigger(tzi, day_of_week="mon-fri", **at(m))
+    if m := re.fullmatch(r"weekly on " + _DAY + _AT, spec):
+        return WallClockTrigger(tzi, day_of_week=m.group("day"), **at(m))
+    if m := re.fullmatch(r"monthly on the (first|second|third|fourth|fifth|last) " + _DAY + _AT, spec):
+        day = f"{ORDINALS[m.group(1)]} {m.group('day')}"
+        return WallClockTrigger(tzi, day=day, **at(m))
+    if m := re.fullmatch(r"monthly on day (\d{1,2})" + _AT, spec):
+        if not 1 <= int(m.group(1)) <= 31:
+            raise ValueError(f"{text!r}: no such day of the month")
+        return WallClockTrigger(tzi, day=m.group(1), **at(m))
+    fields = spec.split()
+    if len(fields) == 5 and re.fullmatch(r"[\d*/,\-a-z]+", spec.replace(" ", "")):
+        minute, hour, day, month, dow = fields
+        try:
+            return WallClockTrigger(tzi, minute=minute, hour=hour, day=day, month=month, day_of_week=dow)
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: bad cron expression: {exc}") from None
+    raise ValueError(
+        f"cannot read {text!r}; write 'daily at 08:00', 'weekdays at 07:30', 'weekly on monday at"
+        " 08:00', 'monthly on the first tuesday', 'monthly on day 15 at 09:00', 'every 10 minutes'"
+        " or five cron fields such as '0 8 * * mon'"
+    )
+
+
+def fire_times(trigger: BaseTrigger, start: datetime, end: datetime, limit: int = 1000) -> list[datetime]:
+    """Fire times in (start, end], computed without sleeping."""
+    times: list[datetime] = []
+    prev: datetime | None = None
+    now = start + timedelta(microseconds=1)
+    while len(times) < limit:
+        nxt = trigger.get_next_fire_time(prev, now)
+        if nxt is None or nxt > end:
+            break
+        times.append(nxt)
+        prev, now = nxt, nxt + timedelta(microseconds=1)
+    return times
+
+
+def missed_run(
+    trigger: BaseTrigger, last_run: datetime | None, now: datetime, grace: timedelta
+) -> tuple[datetime | None, datetime | None]:
+    """(a fire time to catch up now, the latest one too old to catch up).
+
+    A fire time that passed while nothing ran is caught up when it is at most ``grace`` old;
+    an older one is only reported, so a daemon down for a week does not send a stale digest.
+    """
+    if last_run is None:
+        return None, None
+    recent = fire_times(trigger, max(last_run, now - grace), now, limit=1)
+    stale = fire_times(trigger, last_run, min(now - grace, now), limit=100_000) if not recent else []
+    return (recent[0] if recent else None), (stale[-1] if stale else None)
