@@ -224,6 +224,7 @@ class Project:
         subscribers: list[str] | None = None,
         extra_schedule: str = "",
         templates: str = "null",
+        fetch_extra: str = "",
     ) -> None:
         sender = (
             f"smtp\n    host: 127.0.0.1\n    port: {smtp_port}\n    timeout: 10"
@@ -238,7 +239,7 @@ templates: {templates}
 fetch:
   timeout: 5
   first_fetch_newest: 50
-senders:
+{fetch_extra}senders:
   main:
     type: {sender}
 schedules:

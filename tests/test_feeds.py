@@ -407,7 +407,7 @@ def test_json_feed_variants_content_text_author_10_and_date_modified() -> None:
             ],
         }
     ).encode()
-    _, _, [entry], _ = parse_feed(doc, JSON_TYPE, "")
+    [entry] = parse_feed(doc, JSON_TYPE, "").entries
     assert entry.summary_html == "<p>a &lt; b</p>"
     assert entry.author == "Old Style"
     assert entry.published == PUBLISHED
@@ -434,7 +434,7 @@ def test_an_atom_title_marked_up_as_html_becomes_plain_text(title: str) -> None:
         f'<entry>{title}<id>urn:a:1</id><link href="https://atom.test/1"/>'
         "<updated>2026-01-02T00:00:00Z</updated></entry></feed>"
     ).encode()
-    _, _, [entry], _ = parse_feed(doc, ATOM_TYPE, "")
+    [entry] = parse_feed(doc, ATOM_TYPE, "").entries
     assert entry.title == "Tea & biscuits"
 
 
@@ -444,7 +444,7 @@ def test_an_atom_entry_without_published_is_dated_by_updated() -> None:
       <entry><title>Only updated</title><id>urn:a:1</id><link href="https://atom.test/1"/>
         <updated>2026-01-02T01:04:05Z</updated><content type="html">&lt;p&gt;C&lt;/p&gt;</content></entry>
     </feed>"""
-    _, _, [entry], _ = parse_feed(doc, ATOM_TYPE, "")
+    [entry] = parse_feed(doc, ATOM_TYPE, "").entries
     assert entry.published == PUBLISHED
     assert entry.summary_html == "<p>C</p>"
 
@@ -474,7 +474,7 @@ def test_an_atom_entry_without_published_is_dated_by_updated() -> None:
     ],
 )
 def test_an_entry_without_its_own_author_has_the_feeds_author(doc: bytes) -> None:
-    _, _, [entry], _ = parse_feed(doc, "", "")
+    [entry] = parse_feed(doc, "", "").entries
     assert entry.author == "Feed Author"
 
 
@@ -732,7 +732,7 @@ IMAGES = [
 
 @pytest.mark.parametrize(("doc", "image"), IMAGES)
 def test_the_image_of_an_entry(doc: bytes, image: str) -> None:
-    _, _, [entry], _ = parse_feed(doc, "", "https://img.test/feed")
+    [entry] = parse_feed(doc, "", "https://img.test/feed").entries
     assert entry.image_url == image
 
 

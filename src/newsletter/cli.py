@@ -154,8 +154,15 @@ def _progress() -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]
     "--to", "to", metavar="ADDRESS", help="Send the next issue to ADDRESS only, outside the ledger."
 )
 @click.option("--force", is_flag=True, help="Build an issue of the latest entries even when nothing is new.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    metavar="SECONDS",
+    help="Wait this long for another process sending this schedule (default: exit at once).",
+)
 @click.pass_obj
-def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, force: bool) -> None:
+def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, force: bool, wait: float) -> None:
     """Fetch, build the next issue of SCHEDULE and deliver it."""
     if dry_run and to:
         raise click.UsageError("--dry-run and --to do not go together")
@@ -169,6 +176,7 @@ def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, forc
             dry_run=dry_run,
             to=to,
             force=force,
+            wait=wait,
             progress=progress,
             on_issue=on_issue,
         )
@@ -205,6 +213,8 @@ def status(state: State, schedule: str | None) -> None:
         for name in names:
             s = _digest().schedule_status(state.config, store, name)
             click.echo(f"{name}: {s.subscribers} subscriber(s), {s.waiting} new entries waiting")
+            when = f"{s.next_run:%Y-%m-%d %H:%M %Z}" if s.next_run else "by hand (no when:)"
+            click.echo(f"  next run: {when}; deliveries waiting for a retry: {s.retries}")
             if not s.issues:
                 click.echo("  no issues yet")
             for issue, counts in s.issues:
@@ -221,3 +231,22 @@ def status(state: State, schedule: str | None) -> None:
                     f"  feed {f['url']}: {health}; last checked {f['last_checked'] or '-'},"
                     f" {f['error_count']} error(s) in all"
                 )
+
+
+@main.command()
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="One line per event, as text or JSON.",
+)
+@click.option(
+    "--reload", "watch", is_flag=True, help="Reread schedules.yaml whenever it changes (as on SIGHUP)."
+)
+@click.pass_obj
+def run(state: State, log_format: str, watch: bool) -> None:
+    """Run the schedules until SIGTERM or SIGINT; SIGHUP rereads the configuration."""
+    from .daemon import Daemon, setup_logging
+
+    setup_logging(log_format)
+    Daemon(state.config_path, watch=watch).run()

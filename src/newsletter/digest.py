@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parseaddr
 
 from .config import Config, Schedule
-from .errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
+from .errors import BusyError, ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from .feeds import fetch_all
 from .message import Recipient, Skeleton
 from .render import RenderedIssue, Section, article, render_issue
+from .schedule import zone
 from .senders import Outgoing, Sender
 from .senders.file import FileOptions, FileSender
-from .store import Issue, Store, StoredEntry, now
+from .store import Issue, Store, StoredEntry, lock_owner, now
 from .subscribers import Subscriber, SubscriberList, load_subscribers
 from .tokens import UnsubscribeTokens
 
@@ -100,6 +103,7 @@ class _Run:
         secret = os.environ.get("NEWSLETTER_SECRET") or store.secret("unsubscribe")
         self.tokens = UnsubscribeTokens(secret)
         self.feed_urls = [config.feed_url(f) for f in self.schedule.feeds]
+        self.stop: threading.Event | None = None
 
     def recipient(self, sub: Subscriber) -> Recipient:
         token = self.tokens.make(self.schedule.subscribers, sub.email)
@@ -179,6 +183,8 @@ class _Run:
         )
         label = f"{self.name}-{issue.number}"
         for key, attempts in pending:
+            if self.stop is not None and self.stop.is_set():
+                break
             sub = self.by_key.get(key)
             if sub is None:
                 self.store.skip_delivery(issue.id, key, f"no longer in {self.subscribers.path.name}")
@@ -218,60 +224,126 @@ def send_digest(
     dry_run: bool = False,
     to: str | None = None,
     force: bool = False,
+    fetch_feeds: bool = True,
+    build: bool = True,
+    wait: float = 0.0,
+    stop: threading.Event | None = None,
     progress: Progress | None = None,
     on_issue: Callable[[int], None] | None = None,
 ) -> DigestReport:
     """Fetch, finish unfinished issues, build and deliver the next one.
 
     ``dry_run`` writes every message to the outbox and changes no state; ``to`` sends the next
-    issue to one address through the schedule's sender, outside the ledger.
+    issue to one address through the schedule's sender, outside the ledger. The daemon passes
+    ``fetch_feeds=False`` (it polls feeds on their own clock), ``build=False`` for its retry
+    runs, and ``stop``, which ends the send between two messages, the rest left pending.
+    Another process sending the same schedule is waited for ``wait`` seconds, then BusyError.
     ``on_issue`` is told how many messages an issue is about to send (for a progress bar).
     """
     run = _Run(config, store, name, progress)
+    run.stop = stop
     report = DigestReport(name, warnings=list(run.subscribers.problems))
     if dry_run or to:
         with store.rolled_back():
-            _send(run, report, force, dry_run, to, on_issue)
-    else:
-        _send(run, report, force, dry_run, to, on_issue)
+            if fetch_feeds:
+                report.feeds = fetch(config, store, [name])
+            _preview(run, report, force, to)
+        return report
+    if fetch_feeds:
+        # Fetching needs no lock: entries are keyed, and a second process only finds them known.
+        report.feeds = fetch(config, store, [name])
+    with _Lock(config, store, name, wait, stop):
+        if build:
+            store.set_last_run(name, now())
+        issues = store.unfinished_issues(name)
+        built = run.build_issue(force) if build else None
+        if built is not None:
+            _warn_clip(run, report, built)
+            issues.append(built)
+        _deliver_all(run, report, config.senders[run.schedule.sender], issues, on_issue)
     return report
 
 
-def _send(
+def _deliver_all(
     run: _Run,
     report: DigestReport,
-    force: bool,
-    dry_run: bool,
-    to: str | None,
+    sender: Sender,
+    issues: list[Issue],
     on_issue: Callable[[int], None] | None,
 ) -> None:
-    report.feeds = fetch(run.config, run.store, [run.name])
-    sender = run.config.senders[run.schedule.sender]
-    if dry_run:
-        outbox = run.config.outbox / "dry-run"
-        sender = FileSender("dry-run", FileOptions(path=str(outbox)), run.config.base_dir)
-        report.outbox = str(outbox)
-    if to:
-        _test_send(run, report, sender, to, force)
-        return
-    issues = run.store.unfinished_issues(run.name)
-    built = run.build_issue(force)
-    if built is not None:
-        _warn_clip(run, report, built)
-        issues.append(built)
-    if not issues:
+    work = [(issue, run.store.pending(issue.id)) for issue in issues]
+    if not any(pending for _, pending in work):
+        report.issues += [run.deliver(issue, sender, []) for issue, _ in work]
         return
     # The sender is opened only when there is something to send: "nothing new" needs no
     # mail server, and a server that is down leaves the built issue pending for the next run.
     try:
         with sender:
-            for issue in issues:
-                pending = run.store.pending(issue.id)
+            for issue, pending in work:
                 if on_issue:
                     on_issue(len(pending))
                 report.issues.append(run.deliver(issue, sender, pending))
+                if run.stop is not None and run.stop.is_set():
+                    report.aborted = "stopped; undelivered messages stay pending for the next run"
+                    break
     except DeliveryError as exc:
         report.aborted = f"{exc}" + (f" ({exc.hint})" if exc.hint else "")
+
+
+def _preview(run: _Run, report: DigestReport, force: bool, to: str | None) -> None:
+    """--dry-run and --to: run inside a transaction that is rolled back afterwards."""
+    if to:
+        _test_send(run, report, run.config.senders[run.schedule.sender], to, force)
+        return
+    outbox = run.config.outbox / "dry-run"
+    report.outbox = str(outbox)
+    sender = FileSender("dry-run", FileOptions(path=str(outbox)), run.config.base_dir)
+    issues = run.store.unfinished_issues(run.name)
+    built = run.build_issue(force)
+    if built is not None:
+        _warn_clip(run, report, built)
+        issues.append(built)
+    _deliver_all(run, report, sender, issues, None)
+
+
+class _Lock:
+    """One run of a schedule at a time, across processes; refreshed while the run lasts."""
+
+    TTL = 60.0
+
+    def __init__(self, config: Config, store: Store, name: str, wait: float, stop: threading.Event | None):
+        self.config, self.store, self.name = config, store, f"schedule:{name}"
+        self.schedule, self.wait, self.stop = name, wait, stop
+        self.owner = lock_owner()
+        self._done = threading.Event()
+
+    def __enter__(self) -> None:
+        deadline = time.monotonic() + self.wait
+        while (holder := self.store.acquire_lock(self.name, self.owner, self.TTL)) is not None:
+            if time.monotonic() >= deadline or (self.stop is not None and self.stop.is_set()):
+                host, _, rest = holder.partition(":")
+                raise BusyError(
+                    f"schedule {self.schedule!r} is being sent by another process"
+                    f" (pid {rest.partition(':')[0]} on {host}); nothing done",
+                    hint="it finishes the issue itself; run again later or pass --wait SECONDS",
+                )
+            time.sleep(0.5)
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        # Its own connection: a SQLite connection belongs to the thread that made it.
+        store = Store(self.config.database_url)
+        try:
+            while not self._done.wait(self.TTL / 3):
+                store.refresh_lock(self.name, self.owner, self.TTL)
+        finally:
+            store.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.store.release_lock(self.name, self.owner)
 
 
 def _warn_clip(run: _Run, report: DigestReport, issue: Issue) -> None:
@@ -341,15 +413,25 @@ class ScheduleStatus:
     waiting: int
     issues: list[tuple[Issue, dict[str, int]]]
     feeds: list[dict[str, object]]
+    next_run: datetime | None  # None: sent by hand only (no ``when:``)
+    retries: int  # deliveries a server deferred, waiting for the next run
+
+
+def _local(when: datetime | None, config: Config, name: str) -> datetime | None:
+    tz = zone(config.schedule(name).timezone or config.settings.timezone)
+    return when.astimezone(tz) if when else None
 
 
 def schedule_status(config: Config, store: Store, name: str, last: int = 5) -> ScheduleStatus:
     run = _Run(config, store, name, None)
     waiting = store.new_entries(run.feed_urls, store.watermark(name), store.max_entry_id(), 10_000)
+    trigger = config.trigger(name)
     return ScheduleStatus(
         name,
         len(run.subscribers.subscribers),
         len(waiting),
         [(i, store.delivery_counts(i.id)) for i in store.issues(name, last)],
         store.feeds(run.feed_urls),
+        _local(trigger.get_next_fire_time(None, now()), config, name) if trigger else None,
+        sum(len(store.pending(i.id)) for i in store.unfinished_issues(name)),
     )

@@ -31,6 +31,10 @@ class DeliveryError(NewsletterError):
     """A sender cannot go on at all (server unreachable, authentication refused)."""
 
 
+class BusyError(NewsletterError):
+    """Another process is sending the same schedule right now."""
+
+
 class TemporaryFailure(Exception):
     """A recipient was refused for now (4xx): the delivery stays pending for a later run."""
 

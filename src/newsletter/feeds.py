@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlparse
 from urllib.request import url2pathname
 
@@ -64,6 +64,7 @@ class FetchResult:
     fetch_url: str | None = None
     error: str = ""
     warning: str = ""
+    ttl: int | None = None  # minutes, from RSS <ttl>: how long the publisher asks us to wait
 
 
 def _download(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[str, str], FetchResult]:
@@ -145,7 +146,7 @@ def fetch_feed(state: FeedState, settings: FetchSettings) -> FetchResult:
         else:
             data, info, result = _download(state, settings)
         if result.status == "ok":
-            result.title, result.link, result.entries, result.warning = parse_feed(
+            result.title, result.link, result.entries, result.warning, result.ttl = parse_feed(
                 data, info["content-type"], info["content-location"]
             )
         return result
@@ -222,7 +223,15 @@ def _image_of(entry: Any) -> str:
 _CLOSED = re.compile(rb"</(?:[A-Za-z_][\w.-]*:)?(?:rss|feed|RDF)>\s*(?:<!--.*?-->\s*)*$", re.S)
 
 
-def parse_feed(data: bytes, content_type: str, base_url: str) -> tuple[str, str, list[FeedEntry], str]:
+class ParsedFeed(NamedTuple):
+    title: str
+    link: str
+    entries: list[FeedEntry]
+    warning: str = ""
+    ttl: int | None = None
+
+
+def parse_feed(data: bytes, content_type: str, base_url: str) -> ParsedFeed:
     """Return (title, link, entries, warning). Raises FeedError when nothing usable is there."""
     head = data.lstrip()[:1]
     if "json" in content_type or head == b"{":
@@ -271,7 +280,8 @@ def parse_feed(data: bytes, content_type: str, base_url: str) -> tuple[str, str,
                 categories=[str(t.get("term")) for t in e.get("tags", []) or [] if t.get("term")],
             )
         )
-    return title, link, entries, warning
+    ttl = str(feed.get("ttl", "")).strip()
+    return ParsedFeed(title, link, entries, warning, int(ttl) if ttl.isdigit() else None)
 
 
 def _text_of(node: Any, key: str) -> str:
@@ -289,7 +299,7 @@ def _names(authors: list[Any]) -> str:
     return ", ".join(str(a["name"]) for a in authors if isinstance(a, dict) and a.get("name"))
 
 
-def _parse_json_feed(data: bytes, base_url: str) -> tuple[str, str, list[FeedEntry], str]:
+def _parse_json_feed(data: bytes, base_url: str) -> ParsedFeed:
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -336,4 +346,4 @@ def _parse_json_feed(data: bytes, base_url: str) -> tuple[str, str, list[FeedEnt
                 categories=[str(t) for t in _list(item.get("tags")) if isinstance(t, str)],
             )
         )
-    return str(doc.get("title") or ""), link, entries, ""
+    return ParsedFeed(str(doc.get("title") or ""), link, entries)

@@ -8,12 +8,14 @@ result is known, so a killed process loses at most the one message that was in f
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import socket
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .errors import StoreError
@@ -55,7 +57,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (issue_id, recipient)
 );
 CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (issue_id, status);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, acquired_at TEXT NOT NULL, expires_at TEXT NOT NULL
+);
 """
+# Columns added after the first release: (table, column, definition).
+MIGRATIONS = [("feeds", "ttl", "INTEGER")]
 
 
 def now() -> datetime:
@@ -110,6 +117,10 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
+            for table, column, definition in MIGRATIONS:
+                columns = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the state database: {exc}") from None
         self._depth = 0
@@ -168,6 +179,49 @@ class Store:
             self._execute("INSERT INTO meta (key, value) VALUES (?, ?)", (name, value))
             return value
 
+    def last_run(self, schedule: str) -> datetime | None:
+        row = self._execute("SELECT value FROM meta WHERE key = ?", (f"last_run:{schedule}",)).fetchone()
+        return datetime.fromisoformat(row["value"]) if row else None
+
+    def set_last_run(self, schedule: str, when: datetime) -> None:
+        self._execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (f"last_run:{schedule}", _iso(when)),
+        )
+
+    # -- locks: one run of a schedule at a time, across processes ----------------------------
+
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> str | None:
+        """Take the lock, or return who holds it. A holder that died (same host, pid gone)
+        or stopped refreshing it (``ttl`` passed) no longer counts."""
+        stamp = now()
+        with self.transaction():
+            row = self._execute("SELECT owner, expires_at FROM locks WHERE name = ?", (name,)).fetchone()
+            if (
+                row
+                and row["owner"] != owner
+                and datetime.fromisoformat(row["expires_at"]) > stamp
+                and _alive(row["owner"])
+            ):
+                return str(row["owner"])
+            self._execute(
+                "INSERT INTO locks (name, owner, acquired_at, expires_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                " acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
+                (name, owner, _iso(stamp), _iso(stamp + timedelta(seconds=ttl))),
+            )
+            return None
+
+    def refresh_lock(self, name: str, owner: str, ttl: float) -> None:
+        self._execute(
+            "UPDATE locks SET expires_at = ? WHERE name = ? AND owner = ?",
+            (_iso(now() + timedelta(seconds=ttl)), name, owner),
+        )
+
+    def release_lock(self, name: str, owner: str) -> None:
+        self._execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
+
     # -- feeds and entries ------------------------------------------------------------------
 
     def feed_state(self, url: str) -> FeedState:
@@ -196,8 +250,8 @@ class Store:
             self._execute(
                 "UPDATE feeds SET last_checked = ?, last_ok = ?, last_status = ?, last_error = ?,"
                 " consecutive_errors = 0, fetch_url = ?, etag = ?, last_modified = ?,"
-                " title = COALESCE(NULLIF(?, ''), title), link = COALESCE(NULLIF(?, ''), link)"
-                " WHERE url = ?",
+                " title = COALESCE(NULLIF(?, ''), title), link = COALESCE(NULLIF(?, ''), link),"
+                " ttl = COALESCE(?, ttl) WHERE url = ?",
                 (
                     stamp,
                     stamp,
@@ -208,6 +262,7 @@ class Store:
                     result.last_modified,
                     result.title,
                     result.link,
+                    result.ttl,
                     result.url,
                 ),
             )
@@ -371,6 +426,24 @@ class Store:
             (issue_id,),
         ).fetchall()
         return [(r["recipient"], r["status"], r["last_error"]) for r in rows]
+
+
+def lock_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _alive(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine: only the expiry time can tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _backlog(entries: list[FeedEntry], newest: int, days: float | None) -> set[int]:

@@ -1,0 +1,254 @@
+"""``newsletter run``: the schedules in schedules.yaml, run by APScheduler until told to stop.
+
+Three kinds of job: one poller that fetches each feed when it is due (so a digest is built
+from entries already stored and a slow feed never delays a send), one digest job per
+schedule with a ``when:``, and one retry job per schedule for deliveries a server deferred.
+SIGTERM/SIGINT stop between two messages and exit 0; SIGHUP rereads the configuration and
+keeps the old one when the new one is bad.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from . import digest
+from .config import Config, load_config
+from .errors import BusyError, NewsletterError
+from .feeds import fetch_all
+from .schedule import missed_run, parse_duration
+from .store import Store
+
+log = logging.getLogger("newsletter")
+POLL_TICK = timedelta(seconds=30)  # how often the poller looks for feeds that are due
+LOCK_WAIT = 300.0  # a digest job waits this long for a hand-started send of the same schedule
+
+
+class _Formatter(logging.Formatter):
+    """One line per event: ``key=value`` pairs for people, or JSON for log collectors."""
+
+    FIELDS = ("event", "schedule", "issue", "sent", "pending", "failed", "skipped", "feeds", "new", "errors")
+
+    def __init__(self, as_json: bool) -> None:
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="seconds")
+        fields = {k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)}
+        if self.as_json:
+            return json.dumps(
+                {"time": stamp, "level": record.levelname.lower(), "message": record.getMessage(), **fields}
+            )
+        pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+        return f"{stamp} {record.levelname:<7} {pairs} {record.getMessage()}".rstrip()
+
+
+def setup_logging(log_format: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter(log_format == "json"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class Daemon:
+    def __init__(self, config_path: str | None, watch: bool = False) -> None:
+        self.config_path = config_path
+        self.watch = watch
+        self.config: Config = load_config(config_path)
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.scheduler = BackgroundScheduler(timezone=UTC)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def poll_feeds(self) -> None:
+        config = self.config
+        store = Store(config.database_url)
+        try:
+            interval = parse_duration(config.settings.fetch.interval)
+            now = datetime.now(UTC)
+            due = []
+            known = {f["url"]: f for f in store.feeds()}
+            for url in dict.fromkeys(config.feed_url(f) for s in config.schedules.values() for f in s.feeds):
+                row = known.get(url)
+                wait = max(interval, timedelta(minutes=(row or {}).get("ttl") or 0))
+                if row is None or not row["last_checked"] or now - _ts(row["last_checked"]) >= wait:
+                    due.append(store.feed_state(url))
+            if not due:
+                return
+            fs = config.settings.fetch
+            new = errors = 0
+            for result in fetch_all(due, fs):
+                new += store.record_fetch(
+                    result, first_newest=fs.first_fetch_newest, first_days=fs.first_fetch_days
+                )
+                if result.status == "error":
+                    errors += 1
+                    log.warning(result.error, extra={"event": "feed-error"})
+            log.info("polled feeds", extra={"event": "poll", "feeds": len(due), "new": new, "errors": errors})
+        finally:
+            store.close()
+
+    def send(self, name: str, *, build: bool = True) -> None:
+        if self.stop.is_set():
+            return
+        config = self.config
+        store = Store(config.database_url)
+        try:
+            report = digest.send_digest(
+                config, store, name, fetch_feeds=False, build=build, wait=LOCK_WAIT, stop=self.stop
+            )
+        except BusyError as exc:
+            log.warning(str(exc), extra={"event": "busy", "schedule": name})
+            return
+        finally:
+            store.close()
+        for warning in report.warnings:
+            log.warning(warning, extra={"event": "warning", "schedule": name})
+        for item in report.issues:
+            log.info(
+                item.subject,
+                extra={
+                    "event": "digest" if build else "retry",
+                    "schedule": name,
+                    "issue": item.number,
+                    "sent": item.sent,
+                    "pending": item.pending,
+                    "failed": item.failed,
+                    "skipped": item.skipped,
+                },
+            )
+            for recipient, reply in item.errors:
+                log.warning(f"{recipient}: {reply}", extra={"event": "delivery-error", "schedule": name})
+        if build and not report.issues and not report.aborted:
+            log.info("nothing new", extra={"event": "digest", "schedule": name})
+        if report.aborted:
+            log.error(report.aborted, extra={"event": "aborted", "schedule": name})
+
+    def _job(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        def run() -> None:
+            try:
+                func(*args, **kwargs)
+            except NewsletterError as exc:
+                log.error(f"{exc}" + (f" ({exc.hint})" if exc.hint else ""), extra={"event": "job-error"})
+            except Exception:  # a job that fails must not take the daemon with it
+                log.exception("job failed", extra={"event": "job-error"})
+
+        return run
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def schedule_jobs(self) -> None:
+        config = self.config
+        self.scheduler.remove_all_jobs()
+        tick = min(POLL_TICK, parse_duration(config.settings.fetch.interval))
+        self.scheduler.add_job(
+            self._job(self.poll_feeds),
+            IntervalTrigger(seconds=tick.total_seconds(), timezone=UTC),
+            id="poll",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
+        store = Store(config.database_url)
+        try:
+            for name, schedule in config.schedules.items():
+                trigger = config.trigger(name)
+                grace = parse_duration(schedule.misfire_grace)
+                retry = parse_duration(schedule.retry_every)
+                self.scheduler.add_job(
+                    self._job(self.send, name, build=False),
+                    IntervalTrigger(seconds=retry.total_seconds()),
+                    id=f"retry:{name}",
+                    max_instances=1,
+                    coalesce=True,
+                )
+                if trigger is None:
+                    continue
+                self.scheduler.add_job(
+                    self._job(self.send, name),
+                    trigger,
+                    id=f"digest:{name}",
+                    max_instances=1,
+                    coalesce=True,
+                    misfire_grace_time=int(grace.total_seconds()),
+                )
+                catch_up, skipped = missed_run(trigger, store.last_run(name), datetime.now(UTC), grace)
+                if catch_up:
+                    log.info(
+                        f"catching up the digest due at {catch_up:%Y-%m-%d %H:%M} UTC",
+                        extra={"event": "catch-up", "schedule": name},
+                    )
+                    self.scheduler.add_job(self._job(self.send, name), id=f"catch-up:{name}")
+                elif skipped:
+                    log.warning(
+                        f"skipped the digest due at {skipped:%Y-%m-%d %H:%M} UTC: missed by more than"
+                        f" misfire_grace ({schedule.misfire_grace})",
+                        extra={"event": "missed", "schedule": name},
+                    )
+                job = self.scheduler.get_job(f"digest:{name}")
+                next_run = getattr(job, "next_run_time", None) or trigger.get_next_fire_time(
+                    None, datetime.now(UTC)
+                )
+                log.info(
+                    f"next digest at {next_run:%Y-%m-%d %H:%M %Z}",
+                    extra={"event": "scheduled", "schedule": name},
+                )
+        finally:
+            store.close()
+
+    def _reload(self) -> None:
+        try:
+            config = load_config(self.config_path)
+        except NewsletterError as exc:
+            log.error(f"kept the old configuration: {exc}", extra={"event": "reload-failed"})
+            return
+        self.config = config
+        self.schedule_jobs()
+        log.info("configuration reloaded", extra={"event": "reload"})
+
+    def _mtime(self) -> float:
+        try:
+            return self.config.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def run(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self.stop.set()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self.reload.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+        self.scheduler.start(paused=True)
+        self.schedule_jobs()
+        self.scheduler.resume()
+        log.info(f"started with {self.config.path}", extra={"event": "start"})
+        mtime = self._mtime()
+        while not self.stop.wait(0.2):
+            if self.watch and self._mtime() != mtime:
+                mtime = self._mtime()
+                self.reload.set()
+            if self.reload.is_set():
+                self.reload.clear()
+                self._reload()
+        log.info("stopping: finishing the message in flight", extra={"event": "stop"})
+        self.scheduler.shutdown(wait=True)
+        log.info("stopped", extra={"event": "stop"})
+
+
+def _ts(value: str) -> datetime:
+    return datetime.fromisoformat(value)
