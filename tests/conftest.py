@@ -277,3 +277,31 @@ schedules:
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
     monkeypatch.setenv("NEWSLETTER_SECRET", "test-secret")
     return Project(tmp_path)
+
+
+# -- the web apps on a real HTTP server --------------------------------------------------------
+
+
+class WebServer:
+    """A WSGI app served by werkzeug on 127.0.0.1 in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def sent_messages(folder: Path) -> dict[str, EmailMessage]:
+    """The .eml files a `file` sender wrote, by recipient address."""
+    found = {}
+    for path in sorted(folder.rglob("*.eml")):
+        msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        found[path.stem] = msg  # type: ignore[assignment]
+    return found

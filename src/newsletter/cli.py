@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -250,3 +252,112 @@ def run(state: State, log_format: str, watch: bool) -> None:
 
     setup_logging(log_format)
     Daemon(state.config_path, watch=watch).run()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8025, show_default=True, help="Port to listen on.")
+@click.option("--open", "open_browser", is_flag=True, help="Open the preview in a browser.")
+@click.pass_obj
+def preview(state: State, host: str, port: int, open_browser: bool) -> None:
+    """Look at every email before it goes out, in a browser; reloads as you edit templates."""
+    from werkzeug.serving import run_simple
+
+    from .web import create_preview_app
+
+    app = create_preview_app(state.config_path)
+    url = f"http://{host}:{port}/"
+    click.echo(f"preview at {url} (Ctrl-C to stop)")
+    if open_browser:
+        import webbrowser
+
+        threading.Timer(0.5, webbrowser.open, args=(url,)).start()
+    run_simple(host, port, app, threaded=True, use_reloader=False)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, help="Port to listen on.")
+@click.option("--threads", default=4, show_default=True, help="Worker threads.")
+@click.pass_obj
+def serve(state: State, host: str, port: int, threads: int) -> None:
+    """The public part, unsubscribe pages and the archive, on waitress (a production WSGI server)."""
+    import waitress
+
+    from .web import create_public_app
+
+    app = create_public_app(state.config_path)
+    click.echo(f"serving unsubscribe and archive pages at http://{host}:{port}/")
+    waitress.serve(app, host=host, port=port, threads=threads)
+
+
+@main.group()
+def subscribers() -> None:
+    """Show and export subscriber lists as they really are (unsubscribes applied)."""
+
+
+def _list_state(state: State, name: str) -> tuple[Any, dict[str, Any]]:
+    from .subscribers import load_subscribers
+
+    path = state.config.base_dir / "subscribers" / f"{name}.csv"
+    if not path.is_file():
+        raise click.UsageError(f"no subscriber list {path}")
+    with state.store() as store:
+        return load_subscribers(path), store.suppressed(name)
+
+
+@subscribers.command("list")
+@click.argument("name")
+@click.pass_obj
+def subscribers_list(state: State, name: str) -> None:
+    """Every address in subscribers/NAME.csv and whether it still gets email."""
+    loaded, suppressed = _list_state(state, name)
+    for problem in loaded.problems:
+        click.echo(f"warning: {problem}", err=True)
+    for sub in loaded.subscribers:
+        mark = "unsubscribed" if sub.key in suppressed else "active"
+        click.echo(f"{mark:<13} {sub.email}" + (f"  ({sub.name})" if sub.name else ""))
+    active = sum(s.key not in suppressed for s in loaded.subscribers)
+    click.echo(f"{active} active, {len(loaded.subscribers) - active} unsubscribed", err=True)
+
+
+@subscribers.command("suppressed")
+@click.argument("name")
+@click.pass_obj
+def subscribers_suppressed(state: State, name: str) -> None:
+    """Addresses that unsubscribed from NAME, when and how."""
+    _, suppressed = _list_state(state, name)
+    for address, (when, source) in suppressed.items():
+        click.echo(f"{when:%Y-%m-%d %H:%M} UTC  {source:<9} {address}")
+
+
+@subscribers.command("export")
+@click.argument("name")
+@click.option(
+    "--out", type=click.File("w", encoding="utf-8"), default="-", help="File to write (default stdout)."
+)
+@click.pass_obj
+def subscribers_export(state: State, name: str, out: Any) -> None:
+    """Write NAME as CSV without the addresses that unsubscribed."""
+    import csv
+
+    loaded, suppressed = _list_state(state, name)
+    extra = sorted({k for s in loaded.subscribers for k in s.fields})
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["email", "name", *extra])
+    for sub in loaded.subscribers:
+        if sub.key not in suppressed:
+            writer.writerow([sub.email, sub.name, *(sub.fields.get(k, "") for k in extra)])
+
+
+@main.command()
+@click.argument("schedule")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the static pages.")
+@click.pass_obj
+def archive(state: State, schedule: str, out: str) -> None:
+    """Publish SCHEDULE's past issues as static HTML (index.html and one page per issue)."""
+    from .preview import export_archive
+
+    with state.store() as store:
+        written = export_archive(state.config, store, schedule, Path(out))
+    click.echo(f"{len(written)} page(s) written to {out}")

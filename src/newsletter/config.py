@@ -111,6 +111,8 @@ class Settings(Strict):
     outbox: str = "outbox"
     templates: str | None = "templates"
     timezone: str = "UTC"
+    # Unsubscribe links older than this are refused (the page says so); null: never.
+    unsubscribe_link_days: float | None = Field(365, gt=0)
     fetch: FetchSettings = FetchSettings()
     senders: dict[str, dict[str, Any]]
     schedules: dict[str, Schedule] = Field(min_length=1)

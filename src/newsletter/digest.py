@@ -99,7 +99,10 @@ class _Run:
         self.schedule = config.schedule(name)
         self.progress = progress
         self.subscribers: SubscriberList = load_subscribers(config.subscribers_path(self.schedule))
-        self.by_key = {s.key: s for s in self.subscribers.subscribers}
+        # Unsubscribed addresses are skipped even while they are still in the CSV.
+        self.suppressed = store.suppressed(self.schedule.subscribers)
+        self.active = [s for s in self.subscribers.subscribers if s.key not in self.suppressed]
+        self.by_key = {s.key: s for s in self.active}
         secret = os.environ.get("NEWSLETTER_SECRET") or store.secret("unsubscribe")
         self.tokens = UnsubscribeTokens(secret)
         self.feed_urls = [config.feed_url(f) for f in self.schedule.feeds]
@@ -150,13 +153,31 @@ class _Run:
 
     def build_issue(self, force: bool, ledger: bool = True) -> Issue | None:
         """Record the next issue; with ``ledger=False`` (a test send) it gets no deliveries."""
-        recipients = [s.email for s in self.subscribers.subscribers] if ledger else []
+        recipients = [s.email for s in self.active] if ledger else []
         if ledger and not recipients:
             # Building would use up the new entries with no one to read them.
             raise ConfigError(
-                f"{self.subscribers.path}: no valid subscribers; no issue built",
+                f"{self.subscribers.path}: no valid, subscribed addresses; no issue built",
                 hint="add rows with an email column, or fix the ones reported above",
             )
+        draft = self.draft(force)
+        if draft is None:
+            return None
+        issue, watermark = draft
+        return self.store.create_issue(
+            self.name,
+            watermark=watermark,
+            entry_ids=issue.entry_ids,
+            subject=issue.subject,
+            payload=issue.payload,
+            recipients=recipients,
+        )
+
+    def draft(self, force: bool) -> tuple[Issue, int] | None:
+        """The next issue, rendered but not recorded (id 0), and the entry watermark it covers.
+
+        The preview shows exactly this, so what it shows is what a send would send.
+        """
         up_to = self.store.max_entry_id()
         limit = self.schedule.max_articles
         entries = self.store.new_entries(self.feed_urls, self.store.watermark(self.name), up_to, limit)
@@ -166,15 +187,11 @@ class _Run:
             return None
         last = self.store.issues(self.name, 1)
         date = now()
-        rendered = self.render(entries, (last[0].number if last else 0) + 1, date)
-        return self.store.create_issue(
-            self.name,
-            watermark=up_to,
-            entry_ids=[e.id for e in entries],
-            subject=rendered.subject,
-            payload={**rendered.to_payload(), "date": date.isoformat()},
-            recipients=recipients,
-        )
+        number = (last[0].number if last else 0) + 1
+        rendered = self.render(entries, number, date)
+        payload = {**rendered.to_payload(), "date": date.isoformat()}
+        issue = Issue(0, self.name, number, date, "draft", [e.id for e in entries], rendered.subject, payload)
+        return issue, up_to
 
     def deliver(self, issue: Issue, sender: Sender, pending: list[tuple[str, int]]) -> IssueReport:
         skeleton = self.skeleton(issue)
@@ -187,7 +204,8 @@ class _Run:
                 break
             sub = self.by_key.get(key)
             if sub is None:
-                self.store.skip_delivery(issue.id, key, f"no longer in {self.subscribers.path.name}")
+                why = "unsubscribed" if key in self.suppressed else f"not in {self.subscribers.path.name}"
+                self.store.skip_delivery(issue.id, key, why)
                 report.skipped += 1
                 continue
             try:

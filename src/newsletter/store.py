@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (issue_id, recipient)
 );
 CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (issue_id, status);
+CREATE TABLE IF NOT EXISTS suppressions (
+    list_name TEXT NOT NULL, address TEXT NOT NULL,  -- lower-cased
+    created_at TEXT NOT NULL, source TEXT NOT NULL,   -- e.g. one-click, page, cli
+    PRIMARY KEY (list_name, address)
+);
 CREATE TABLE IF NOT EXISTS locks (
     name TEXT PRIMARY KEY, owner TEXT NOT NULL, acquired_at TEXT NOT NULL, expires_at TEXT NOT NULL
 );
@@ -189,6 +194,24 @@ class Store:
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (f"last_run:{schedule}", _iso(when)),
         )
+
+    # -- suppressions: addresses that unsubscribed stay unsubscribed ----------------------------
+
+    def suppress(self, list_name: str, address: str, source: str) -> bool:
+        """Record an unsubscribe; False when the address was already suppressed."""
+        cur = self._execute(
+            "INSERT INTO suppressions (list_name, address, created_at, source) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (list_name, address.lower(), _iso(now()), source),
+        )
+        return cur.rowcount > 0
+
+    def suppressed(self, list_name: str) -> dict[str, tuple[datetime, str]]:
+        rows = self._execute(
+            "SELECT address, created_at, source FROM suppressions WHERE list_name = ? ORDER BY address",
+            (list_name,),
+        ).fetchall()
+        return {r["address"]: (datetime.fromisoformat(r["created_at"]), r["source"]) for r in rows}
 
     # -- locks: one run of a schedule at a time, across processes ----------------------------
 

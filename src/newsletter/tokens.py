@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 SALT = "newsletter.unsubscribe"
 
 
+class TokenError(Exception):
+    """A token that was forged, damaged or is too old; ``str()`` says which, for the page."""
+
+
 class UnsubscribeTokens:
     def __init__(self, secret: str) -> None:
-        self._serializer = URLSafeSerializer(secret, salt=SALT)
+        self._serializer = URLSafeTimedSerializer(secret, salt=SALT)
         # dumps() builds a new signer per call; one per run keeps the per-subscriber cost down.
         self._signer = self._serializer.make_signer()
 
@@ -17,12 +21,15 @@ class UnsubscribeTokens:
         payload = self._serializer.dump_payload([list_name, email.lower()])
         return self._signer.sign(payload).decode("ascii")
 
-    def read(self, token: str) -> tuple[str, str] | None:
-        """(list, address), or None for a forged or damaged token."""
+    def read(self, token: str, max_age_days: float | None = None) -> tuple[str, str]:
+        """(list, address) of a genuine token; TokenError otherwise."""
+        max_age = None if max_age_days is None else int(max_age_days * 86400)
         try:
-            value = self._serializer.loads(token)
+            value = self._serializer.loads(token, max_age=max_age)
+        except SignatureExpired:
+            raise TokenError("this unsubscribe link has expired") from None
         except BadSignature:
-            return None
+            raise TokenError("this unsubscribe link is not valid") from None
         if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
             return value[0], value[1]
-        return None
+        raise TokenError("this unsubscribe link is not valid")

@@ -1,0 +1,176 @@
+"""What an email looks like before (and after) it goes out, built by the sending code itself.
+
+The preview takes the same path as a send: the next issue is drafted and rendered by
+``digest._Run`` and each message is built by ``message.Skeleton`` for a real subscriber, then
+read back. Only the views made for looking (dark mode, styles stripped) differ from the wire.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+
+from . import digest
+from .config import Config
+from .errors import ConfigError
+from .message import Recipient
+from .render import GMAIL_CLIP_BYTES
+from .store import Issue, Store
+from .subscribers import Subscriber
+
+
+@dataclass
+class Preview:
+    schedule: str
+    number: int
+    subject: str
+    html: str
+    text: str
+    headers: list[tuple[str, str]]
+    subscriber: str
+    is_new: bool  # False: nothing new, showing the latest entries as --force would send them
+    articles: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def html_bytes(self) -> int:
+        return len(self.html.encode("utf-8"))
+
+    @property
+    def clip_share(self) -> float:
+        """How much of Gmail's 102 KB clipping line the HTML uses (1.0 = clipped)."""
+        return self.html_bytes / GMAIL_CLIP_BYTES
+
+
+def _read_back(data: bytes) -> tuple[str, str, list[tuple[str, str]]]:
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    html_part, text_part = msg.get_body(("html",)), msg.get_body(("plain",))
+    assert html_part is not None and text_part is not None
+    # Parts travel with CRLF line ends; show (and compare) the text itself.
+    html = html_part.get_content().replace("\r\n", "\n")
+    text = text_part.get_content().replace("\r\n", "\n")
+    return html, text, [(k, str(v)) for k, v in msg.items()]
+
+
+def _articles(store: Store, issue: Issue) -> list[dict[str, str]]:
+    return [{"title": e.title, "link": e.link} for e in store.entries(issue.entry_ids)]
+
+
+def next_issue(config: Config, store: Store, name: str, address: str | None = None) -> Preview | None:
+    """The next issue of ``name`` as ``address`` (default: the first subscriber) would get it."""
+    run = digest._Run(config, store, name, None)
+    draft = run.draft(force=False)
+    is_new = draft is not None
+    if draft is None:
+        draft = run.draft(force=True)
+    if draft is None:
+        return None
+    issue = draft[0]
+    sub = _subscriber(run, address)
+    _, data = run.skeleton(issue).build(run.recipient(sub))
+    html, text, headers = _read_back(data)
+    return Preview(
+        name, issue.number, issue.subject, html, text, headers, sub.email, is_new, _articles(store, issue)
+    )
+
+
+def _subscriber(run: digest._Run, address: str | None) -> Subscriber:
+    if address:
+        known = {s.key: s for s in run.subscribers.subscribers}
+        return known.get(address.lower()) or Subscriber(address)
+    if run.subscribers.subscribers:
+        return run.subscribers.subscribers[0]
+    return Subscriber("reader@example.com", "Sample Reader")
+
+
+def sent_issue(config: Config, store: Store, name: str, number: int) -> Preview:
+    """An issue as it was sent, for the archive: per-subscriber values left blank."""
+    found = [i for i in store.issues(name, limit=100_000) if i.number == number]
+    if not found:
+        raise ConfigError(f"{name} has no issue #{number}")
+    issue = found[0]
+    run = digest._Run(config, store, name, None)
+    # The archive is public: no address and no working unsubscribe link in it.
+    blank = {f: "" for f in issue.payload["fields"]}
+    recipient = Recipient("archive@example.com", "", {**blank, "unsubscribe_url": "#"})
+    _, data = run.skeleton(issue).build(recipient)
+    html, text, headers = _read_back(data)
+    return Preview(name, issue.number, issue.subject, html, text, headers, "", True, _articles(store, issue))
+
+
+# -- views made for looking ------------------------------------------------------------------
+
+_DARK = re.compile(r"@media\s*\(\s*prefers-color-scheme\s*:\s*dark\s*\)\s*\{")
+_STYLE = re.compile(r"<style\b[^>]*>.*?</style>", re.S | re.I)
+
+
+def _block(css: str, start: int) -> tuple[str, int]:
+    """The body of the @media block whose '{' ends at ``start``, and where the block ends."""
+    depth, i = 1, start
+    while i < len(css) and depth:
+        depth += {"{": 1, "}": -1}.get(css[i], 0)
+        i += 1
+    return css[start : i - 1], i
+
+
+def dark_view(html: str) -> str:
+    """The email as a client in dark mode shows it: the dark @media rules applied outright."""
+
+    def unwrap(style: re.Match[str]) -> str:
+        css = style.group(0)
+        out, pos = [], 0
+        for m in _DARK.finditer(css):
+            if m.start() < pos:
+                continue
+            body, end = _block(css, m.end())
+            out.append(css[pos : m.start()] + body)
+            pos = end
+        return "".join(out) + css[pos:]
+
+    return _STYLE.sub(unwrap, html).replace("<head>", '<head><meta name="color-scheme" content="dark">', 1)
+
+
+def stripped_view(html: str) -> str:
+    """The email as clients that drop <style> show it (Gmail for non-Google accounts)."""
+    return _STYLE.sub("", html)
+
+
+def fingerprint(config: Config) -> str:
+    """Changes when schedules.yaml, a subscriber list or a template changes: the page reloads."""
+    paths: list[Path] = [config.path, *(config.base_dir / "subscribers").glob("*.csv")]
+    for folder in (config.templates_dir, Path(__file__).parent / "templates"):
+        if folder and folder.is_dir():
+            paths += folder.glob("*")
+    stamps = []
+    for p in paths:
+        try:
+            stamps.append(f"{p}:{p.stat().st_mtime_ns}")
+        except OSError:
+            continue
+    return str(hash("|".join(sorted(stamps))))
+
+
+def export_archive(config: Config, store: Store, name: str, out: Path) -> list[Path]:
+    """Static archive pages of a schedule's issues, for any web server to publish."""
+    from html import escape
+
+    config.schedule(name)
+    out.mkdir(parents=True, exist_ok=True)
+    written, items = [], []
+    for issue in store.issues(name, limit=100_000):
+        page = out / f"{issue.number}.html"
+        page.write_text(sent_issue(config, store, name, issue.number).html, encoding="utf-8")
+        written.append(page)
+        items.append(f'<li><a href="{issue.number}.html">#{issue.number}</a> {escape(issue.subject)}</li>')
+    title = escape(config.schedule(name).title or name)
+    index = out / "index.html"
+    index.write_text(
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>'
+        f"<body><h1>{title}</h1><ul>{''.join(items)}</ul></body></html>\n",
+        encoding="utf-8",
+    )
+    return [index, *written]
