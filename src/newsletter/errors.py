@@ -41,3 +41,7 @@ class TemporaryFailure(Exception):
 
 class PermanentFailure(Exception):
     """A recipient was refused for good (5xx): the delivery is marked failed with this reply."""
+
+
+class TargetGone(PermanentFailure):
+    """A webhook target answered 410 Gone: it is disabled until the configuration changes."""

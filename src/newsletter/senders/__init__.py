@@ -7,8 +7,9 @@ in a package's metadata::
     [project.entry-points."newsletter.senders"]
     smtp = "newsletter.senders.smtp:SmtpSender"
 
-``send`` raises :class:`TemporaryFailure` (retry later) or :class:`PermanentFailure` (give up)
-for one message, and :class:`DeliveryError` when it cannot go on at all.
+``send`` (email) and ``post`` (webhooks) raise :class:`TemporaryFailure` (retry later) or
+:class:`PermanentFailure` (give up) for one item, :class:`TargetGone` when the target is gone
+for good (HTTP 410), and :class:`DeliveryError` when the sender cannot go on at all.
 """
 
 from __future__ import annotations
@@ -42,8 +43,29 @@ class Outgoing:
     label: str  # "<schedule>-<issue number>", for senders that file messages away
 
 
+@dataclass(frozen=True)
+class Post:
+    """One thing to announce to a webhook target: a new article, or a whole issue."""
+
+    id: str  # stable across retries and runs: the idempotency key (webhook-id, Idempotency-Key)
+    kind: str  # "article" or "issue"
+    schedule: str
+    title: str
+    link: str  # with UTM tags when the schedule asks for them
+    summary: str  # plain text
+    text: str  # ready-to-post text for the target's network, already within its limits
+    hashtags: tuple[str, ...] = ()
+    published: str = ""  # ISO 8601
+    image_url: str = ""
+    issue_number: int | None = None
+    articles: tuple[tuple[str, str], ...] = ()  # (title, link) of an issue's articles
+
+
 class Sender:
     Options: ClassVar[type[SenderOptions]] = SenderOptions
+    mails: ClassVar[bool] = True  # can deliver email messages (send)
+    posts: ClassVar[bool] = False  # can announce articles and issues (post)
+    network: ClassVar[str] = ""  # whose counting rules post texts must fit ("mastodon", ...)
 
     def __init__(self, name: str, options: SenderOptions, base_dir: Path) -> None:
         self.name = name
@@ -54,6 +76,10 @@ class Sender:
         """Called once before a batch; connect here."""
 
     def send(self, message: Outgoing) -> None:
+        raise NotImplementedError
+
+    def post(self, item: Post) -> str:
+        """Announce ``item``; return where it landed (a URL or id) for the ledger."""
         raise NotImplementedError
 
     def close(self) -> None:
