@@ -22,7 +22,7 @@ LONG_UNSUB = "https://news.example.org/unsubscribe/" + "t" * 300
 
 
 def rendered(title: str = "Post one", summary: str = "<p>Body.</p>", footer_field: str = "") -> RenderedIssue:
-    e = StoredEntry(1, "f", title, "https://blog.example.org/1", summary, "", DATE, "", [])
+    e = StoredEntry(1, "f", title, "https://blog.example.org/1", summary, "", DATE, "", [], DATE)
     section = Section("Feed", "", [article(e, "Feed", 600)])
     return render_issue(
         templates_dir=None,

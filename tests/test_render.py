@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from newsletter.config import Schedule
 from newsletter.render import GMAIL_CLIP_BYTES, Section, article, render_issue
+from newsletter.social import decorate
 from newsletter.store import StoredEntry
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -28,15 +30,37 @@ def entry(n: int, summary: str = "", **kw: object) -> StoredEntry:
         "published": datetime(2026, 11, 20, 12, n % 60, tzinfo=UTC),
         "image_url": "",
         "categories": ["Email"],
+        "first_seen": DATE,
     }
     fields.update(kw)
     return StoredEntry(**fields)  # type: ignore[arg-type]
 
 
-def render(entries: list[StoredEntry], sections: int = 1, excerpt_chars: int = 600) -> tuple[str, str, str]:
+SCHEDULE = Schedule.model_validate(
+    {
+        "feeds": ["https://blog.example.org/feed.xml"],
+        "subscribers": "readers",
+        "sender": "mail",
+        "from": "Example Weekly <news@example.org>",
+        "unsubscribe_url": "https://news.example.org/u/{token}",
+        "utm": {"source": "example-weekly"},
+        "share": {
+            "networks": ["x", "mastodon", "bluesky", "linkedin", "email"],
+            "mastodon_instance": "mastodon.social",
+        },
+    }
+)
+
+
+def render(
+    entries: list[StoredEntry], sections: int = 1, excerpt_chars: int = 600, shared: bool = False
+) -> tuple[str, str, str]:
     secs = [Section(f"Feed {i}", f"https://feed{i}.example.org/") for i in range(sections)]
     for i, e in enumerate(entries):
-        secs[i % sections].articles.append(article(e, secs[i % sections].title, excerpt_chars))
+        a = article(e, secs[i % sections].title, excerpt_chars)
+        if shared:
+            decorate(a, SCHEDULE, "weekly", 7)
+        secs[i % sections].articles.append(a)
     rendered = render_issue(
         templates_dir=None,
         title="Example Weekly",
@@ -73,7 +97,7 @@ def test_golden_digest_html_and_text(request: pytest.FixtureRequest) -> None:
         entry(2, author=""),
         entry(1, summary="<p>A <strong>bold</strong> claim &amp; a <code>code</code> sample.</p>"),
     ]
-    subject, html, text = render(entries)
+    subject, html, text = render(entries, shared=True)
     assert subject == "Example Weekly #7: Article number 3"
     check_golden("digest.html", html, request)
     check_golden("digest.txt", text, request)

@@ -361,3 +361,77 @@ def archive(state: State, schedule: str, out: str) -> None:
     with state.store() as store:
         written = export_archive(state.config, store, schedule, Path(out))
     click.echo(f"{len(written)} page(s) written to {out}")
+
+
+@main.command()
+@click.argument("schedule")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@click.option("--limit", default=5, show_default=True, help="How many of the newest articles.")
+@click.pass_obj
+def share(state: State, schedule: str, as_json: bool, limit: int) -> None:
+    """Ready-to-post text for the newest articles, per network, with their share links."""
+    import json
+
+    from .social import newest_snippets
+
+    state.config.schedule(schedule)
+    with state.store() as store:
+        items = newest_snippets(state.config, store, schedule, limit)
+    if as_json:
+        doc = [
+            {
+                "title": i.title,
+                "link": i.link,
+                "snippets": {
+                    n: {"text": t, "count": c, "limit": lim} for n, (t, c, lim) in i.snippets.items()
+                },
+                "share_links": dict(i.share_links),
+            }
+            for i in items
+        ]
+        click.echo(json.dumps(doc, ensure_ascii=False, indent=2))
+        return
+    if not items:
+        click.echo(f"{schedule}: no articles stored yet (run newsletter fetch)")
+    for i in items:
+        click.echo(f"# {i.title}\n  {i.link}")
+        for network, (text, used, cap) in i.snippets.items():
+            click.echo(f"\n  [{network} {used}/{cap}]")
+            click.echo("    " + text.replace("\n", "\n    "))
+        click.echo("")
+
+
+@main.command()
+@click.argument("schedule")
+@click.option("--no-fetch", is_flag=True, help="Post what is stored; do not poll the feeds first.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    metavar="SECONDS",
+    help="Wait this long for another process running this schedule.",
+)
+@click.pass_obj
+def post(state: State, schedule: str, no_fetch: bool, wait: float) -> None:
+    """Announce SCHEDULE's new articles to its post: targets (webhooks), once each."""
+    from .social import post_new
+
+    config = state.config
+    if not config.schedule(schedule).post:
+        raise click.UsageError(f"schedule {schedule!r} has no post: targets")
+    with state.store() as store:
+        if not no_fetch:
+            _print_feeds(_digest().fetch(config, store, [schedule]))
+        reports = post_new(config, store, schedule, wait=wait)
+    bad = False
+    for r in reports:
+        click.echo(
+            f"{r.target}: posted {r.posted_now} now; in all sent {r.posted}, pending {r.pending},"
+            f" failed {r.failed}"
+        )
+        for title, reason in r.errors:
+            click.echo(f"  {title}: {reason}", err=True)
+        if r.disabled:
+            click.echo(f"error: {r.target}: {r.disabled}", err=True)
+        bad = bad or bool(r.errors or r.disabled)
+    sys.exit(1 if bad else 0)

@@ -10,7 +10,7 @@ import os
 import re
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jinja2
 import yaml
@@ -48,6 +48,65 @@ class FetchSettings(Strict):
         return value
 
 
+SHARE_NETWORKS = [
+    "x",
+    "mastodon",
+    "bluesky",
+    "threads",
+    "linkedin",
+    "facebook",
+    "reddit",
+    "telegram",
+    "whatsapp",
+    "email",
+]
+
+
+class ShareSettings(Strict):
+    """The "Share: X · Bluesky · ..." line under each article, and the snippets' wording."""
+
+    # Mastodon's link needs the readers' server (mastodon_instance); without one it is left out.
+    networks: list[str] = ["x", "mastodon", "bluesky", "linkedin", "facebook", "email"]
+    mastodon_instance: str | None = None
+    mastodon_limit: int = Field(500, ge=50)  # servers may allow more
+    # Share links carry a short text (the email stays light); snippets use the full templates.
+    link_template: str = "{title} {link}"
+    template: str | None = None  # the snippet template for every network (default: per network)
+    templates: dict[str, str] = {}  # per network, e.g. {x: "{title} {link} {hashtags}"}
+
+    @field_validator("networks")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = [n for n in value if n not in SHARE_NETWORKS]
+        if unknown:
+            raise ValueError(f"unknown network(s) {unknown}; known: {', '.join(SHARE_NETWORKS)}")
+        return value
+
+    @field_validator("templates")
+    @classmethod
+    def _known_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        cls._known([k for k in value])
+        return value
+
+
+class UtmSettings(Strict):
+    """utm_* tags added to article links (existing query strings are kept byte for byte)."""
+
+    source: str = "newsletter"
+    medium: str = "email"  # snippets and posts use utm_medium=social and the network as source
+    campaign: str = "{schedule}"  # {schedule} and {issue} are filled in
+    content: str | None = None
+
+
+class PostTarget(Strict):
+    """Announce new articles (or whole issues) to a webhook sender."""
+
+    to: str  # a sender of type webhook
+    each: Literal["article", "issue"] = "article"
+    categories: list[str] = []  # only articles in one of these categories (default: all)
+    template: str | None = None  # the post's text (default: the network's snippet template)
+
+
 class Schedule(Strict):
     title: str = ""
     feeds: list[str] = Field(min_length=1)
@@ -65,8 +124,12 @@ class Schedule(Strict):
     timezone: str | None = None  # default: the config's timezone
     misfire_grace: str | int = "3h"  # a run missed while the daemon was down, caught up within this
     retry_every: str | int = "15m"  # deferred (4xx) deliveries are retried this often by the daemon
+    share: ShareSettings = ShareSettings()
+    utm: UtmSettings | None = None  # no tags unless asked for
+    post: list[PostTarget] = []
+    post_every: str | int = "5m"  # how often the daemon posts new articles
 
-    @field_validator("misfire_grace", "retry_every")
+    @field_validator("misfire_grace", "retry_every", "post_every")
     @classmethod
     def _duration(cls, value: str | int) -> str | int:
         parse_duration(value)
@@ -263,6 +326,17 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
                 f"{path}: schedules.{name}.sender: no sender named {schedule.sender!r}"
                 f" (known: {', '.join(settings.senders) or 'none'})"
             )
+        if schedule.sender in senders and not senders[schedule.sender].mails:
+            problems.append(
+                f"{path}: schedules.{name}.sender: {schedule.sender!r} cannot send email; use it under post:"
+            )
+        for i, target in enumerate(schedule.post):
+            if target.to not in settings.senders:
+                problems.append(f"{path}: schedules.{name}.post[{i}].to: no sender named {target.to!r}")
+            elif target.to in senders and not senders[target.to].posts:
+                problems.append(
+                    f"{path}: schedules.{name}.post[{i}].to: {target.to!r} is not a webhook sender"
+                )
         if schedule.when:
             try:
                 parse_when(schedule.when, schedule.timezone or settings.timezone)

@@ -20,7 +20,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from . import digest
+from . import digest, social
 from .config import Config, load_config
 from .errors import BusyError, NewsletterError
 from .feeds import fetch_all
@@ -135,6 +135,34 @@ class Daemon:
         if report.aborted:
             log.error(report.aborted, extra={"event": "aborted", "schedule": name})
 
+    def post(self, name: str) -> None:
+        if self.stop.is_set():
+            return
+        store = Store(self.config.database_url)
+        try:
+            reports = social.post_new(self.config, store, name, wait=LOCK_WAIT, stop=self.stop)
+        except BusyError as exc:
+            log.warning(str(exc), extra={"event": "busy", "schedule": name})
+            return
+        finally:
+            store.close()
+        for r in reports:
+            if r.posted_now or r.errors or r.disabled:
+                log.info(
+                    f"target {r.target}: posted {r.posted_now}",
+                    extra={
+                        "event": "post",
+                        "schedule": name,
+                        "sent": r.posted_now,
+                        "pending": r.pending,
+                        "failed": r.failed,
+                    },
+                )
+            for title, reason in r.errors:
+                log.warning(f"{r.target}: {title}: {reason}", extra={"event": "post-error", "schedule": name})
+            if r.disabled:
+                log.error(f"{r.target}: {r.disabled}", extra={"event": "target-disabled", "schedule": name})
+
     def _job(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         def run() -> None:
             try:
@@ -173,6 +201,16 @@ class Daemon:
                     max_instances=1,
                     coalesce=True,
                 )
+                if any(t.each == "article" for t in schedule.post):
+                    every = parse_duration(schedule.post_every)
+                    self.scheduler.add_job(
+                        self._job(self.post, name),
+                        IntervalTrigger(seconds=every.total_seconds()),
+                        id=f"post:{name}",
+                        max_instances=1,
+                        coalesce=True,
+                        next_run_time=datetime.now(UTC) + timedelta(seconds=2),
+                    )
                 if trigger is None:
                     continue
                 self.scheduler.add_job(

@@ -10,21 +10,22 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parseaddr
 
+from . import social
 from .config import Config, Schedule
-from .errors import BusyError, ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
+from .errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from .feeds import fetch_all
+from .locks import ScheduleLock
 from .message import Recipient, Skeleton
 from .render import RenderedIssue, Section, article, render_issue
 from .schedule import zone
 from .senders import Outgoing, Sender
 from .senders.file import FileOptions, FileSender
-from .store import Issue, Store, StoredEntry, lock_owner, now
+from .store import Issue, Store, StoredEntry, now
 from .subscribers import Subscriber, SubscriberList, load_subscribers
 from .tokens import UnsubscribeTokens
 
@@ -62,6 +63,7 @@ class DigestReport:
     warnings: list[str] = field(default_factory=list)
     aborted: str = ""  # the sender could not go on; everything undelivered stays pending
     outbox: str = ""  # where a dry run put its messages
+    posts: list[social.PostReport] = field(default_factory=list)  # issue announcements
 
     @property
     def ok(self) -> bool:
@@ -131,14 +133,16 @@ class _Run:
             id_seed=f"{self.name}:{issue.number}:{issue.created_at.isoformat()}",
         )
 
-    def sections(self, entries: list[StoredEntry]) -> list[Section]:
+    def sections(self, entries: list[StoredEntry], number: int = 0) -> list[Section]:
         titles = {f["url"]: (f["title"] or "", f["link"] or "") for f in self.store.feeds(self.feed_urls)}
         sections: dict[str, Section] = {}
         for e in entries:
             title, link = titles.get(e.feed_url, ("", ""))
             if e.feed_url not in sections:
                 sections[e.feed_url] = Section(title or e.feed_url, link)
-            sections[e.feed_url].articles.append(article(e, title, self.schedule.excerpt_chars))
+            item = article(e, title, self.schedule.excerpt_chars)
+            social.decorate(item, self.schedule, self.name, number)
+            sections[e.feed_url].articles.append(item)
         return list(sections.values())
 
     def render(self, entries: list[StoredEntry], number: int, date: datetime) -> RenderedIssue:
@@ -148,7 +152,7 @@ class _Run:
             subject_template=self.schedule.subject,
             number=number,
             date=date,
-            sections=self.sections(entries),
+            sections=self.sections(entries, number),
         )
 
     def build_issue(self, force: bool, ledger: bool = True) -> Issue | None:
@@ -270,7 +274,7 @@ def send_digest(
     if fetch_feeds:
         # Fetching needs no lock: entries are keyed, and a second process only finds them known.
         report.feeds = fetch(config, store, [name])
-    with _Lock(config, store, name, wait, stop):
+    with ScheduleLock(config.database_url, store, name, wait, stop):
         if build:
             store.set_last_run(name, now())
         issues = store.unfinished_issues(name)
@@ -278,7 +282,10 @@ def send_digest(
         if built is not None:
             _warn_clip(run, report, built)
             issues.append(built)
+            social.queue_issue(config, store, name, built.number, built.id)
         _deliver_all(run, report, config.senders[run.schedule.sender], issues, on_issue)
+        if any(t.each == "issue" for t in run.schedule.post):
+            report.posts = social.post_pending(config, store, name)
     return report
 
 
@@ -322,46 +329,6 @@ def _preview(run: _Run, report: DigestReport, force: bool, to: str | None) -> No
         _warn_clip(run, report, built)
         issues.append(built)
     _deliver_all(run, report, sender, issues, None)
-
-
-class _Lock:
-    """One run of a schedule at a time, across processes; refreshed while the run lasts."""
-
-    TTL = 60.0
-
-    def __init__(self, config: Config, store: Store, name: str, wait: float, stop: threading.Event | None):
-        self.config, self.store, self.name = config, store, f"schedule:{name}"
-        self.schedule, self.wait, self.stop = name, wait, stop
-        self.owner = lock_owner()
-        self._done = threading.Event()
-
-    def __enter__(self) -> None:
-        deadline = time.monotonic() + self.wait
-        while (holder := self.store.acquire_lock(self.name, self.owner, self.TTL)) is not None:
-            if time.monotonic() >= deadline or (self.stop is not None and self.stop.is_set()):
-                host, _, rest = holder.partition(":")
-                raise BusyError(
-                    f"schedule {self.schedule!r} is being sent by another process"
-                    f" (pid {rest.partition(':')[0]} on {host}); nothing done",
-                    hint="it finishes the issue itself; run again later or pass --wait SECONDS",
-                )
-            time.sleep(0.5)
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
-        self._thread.start()
-
-    def _heartbeat(self) -> None:
-        # Its own connection: a SQLite connection belongs to the thread that made it.
-        store = Store(self.config.database_url)
-        try:
-            while not self._done.wait(self.TTL / 3):
-                store.refresh_lock(self.name, self.owner, self.TTL)
-        finally:
-            store.close()
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-        self.store.release_lock(self.name, self.owner)
 
 
 def _warn_clip(run: _Run, report: DigestReport, issue: Issue) -> None:

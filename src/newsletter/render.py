@@ -72,6 +72,7 @@ class Article:
     image_url: str
     categories: list[str]
     feed_title: str
+    share_links: list[tuple[str, str]] = field(default_factory=list)  # (network label, URL)
 
 
 @dataclass

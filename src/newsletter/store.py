@@ -62,6 +62,18 @@ CREATE TABLE IF NOT EXISTS suppressions (
     created_at TEXT NOT NULL, source TEXT NOT NULL,   -- e.g. one-click, page, cli
     PRIMARY KEY (list_name, address)
 );
+CREATE TABLE IF NOT EXISTS posts (       -- the ledger of webhook posts, as deliveries is of email
+    target TEXT NOT NULL, item_id TEXT NOT NULL, schedule TEXT NOT NULL,
+    kind TEXT NOT NULL, ref INTEGER NOT NULL,  -- article: entries.id; issue: issues.id
+    status TEXT NOT NULL,                      -- pending | sent | failed
+    attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '',
+    location TEXT NOT NULL DEFAULT '',         -- where the target says it landed
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    PRIMARY KEY (target, item_id)
+);
+CREATE TABLE IF NOT EXISTS targets (     -- webhook targets switched off (410 Gone, bad credentials)
+    name TEXT PRIMARY KEY, reason TEXT NOT NULL, fingerprint TEXT NOT NULL, disabled_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS locks (
     name TEXT PRIMARY KEY, owner TEXT NOT NULL, acquired_at TEXT NOT NULL, expires_at TEXT NOT NULL
 );
@@ -89,6 +101,7 @@ class StoredEntry:
     published: datetime
     image_url: str
     categories: list[str]
+    first_seen: datetime
 
 
 @dataclass
@@ -184,16 +197,83 @@ class Store:
             self._execute("INSERT INTO meta (key, value) VALUES (?, ?)", (name, value))
             return value
 
-    def last_run(self, schedule: str) -> datetime | None:
-        row = self._execute("SELECT value FROM meta WHERE key = ?", (f"last_run:{schedule}",)).fetchone()
-        return datetime.fromisoformat(row["value"]) if row else None
+    def meta(self, key: str) -> str | None:
+        row = self._execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row["value"]) if row else None
 
-    def set_last_run(self, schedule: str, when: datetime) -> None:
+    def set_meta(self, key: str, value: str) -> None:
         self._execute(
             "INSERT INTO meta (key, value) VALUES (?, ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (f"last_run:{schedule}", _iso(when)),
+            (key, value),
         )
+
+    def last_run(self, schedule: str) -> datetime | None:
+        value = self.meta(f"last_run:{schedule}")
+        return datetime.fromisoformat(value) if value else None
+
+    def set_last_run(self, schedule: str, when: datetime) -> None:
+        self.set_meta(f"last_run:{schedule}", _iso(when))
+
+    # -- webhook posts ---------------------------------------------------------------------------
+
+    def queue_post(self, target: str, item_id: str, schedule: str, kind: str, ref: int) -> int:
+        stamp = _iso(now())
+        cur = self._execute(
+            "INSERT INTO posts (target, item_id, schedule, kind, ref, status, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT DO NOTHING",
+            (target, item_id, schedule, kind, ref, stamp, stamp),
+        )
+        return cur.rowcount
+
+    def pending_posts(self, target: str, schedule: str) -> list[tuple[str, str, int, int]]:
+        """(item id, kind, ref, attempts) of posts still to make, oldest first."""
+        rows = self._execute(
+            "SELECT item_id, kind, ref, attempts FROM posts WHERE target = ? AND schedule = ?"
+            " AND status = 'pending' ORDER BY rowid",
+            (target, schedule),
+        ).fetchall()
+        return [(r["item_id"], r["kind"], r["ref"], r["attempts"]) for r in rows]
+
+    def record_post(
+        self, target: str, item_id: str, status: str, error: str = "", location: str = ""
+    ) -> None:
+        self._execute(
+            "UPDATE posts SET status = ?, attempts = attempts + 1, last_error = ?, location = ?,"
+            " updated_at = ? WHERE target = ? AND item_id = ?",
+            (status, error, location, _iso(now()), target, item_id),
+        )
+
+    def post_counts(self, target: str, schedule: str) -> dict[str, int]:
+        rows = self._execute(
+            "SELECT status, COUNT(*) AS n FROM posts WHERE target = ? AND schedule = ? GROUP BY status",
+            (target, schedule),
+        ).fetchall()
+        counts = {"sent": 0, "pending": 0, "failed": 0}
+        counts.update({r["status"]: r["n"] for r in rows})
+        return counts
+
+    def disable_target(self, name: str, reason: str, fingerprint: str) -> None:
+        self._execute(
+            "INSERT INTO targets (name, reason, fingerprint, disabled_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET reason = excluded.reason,"
+            " fingerprint = excluded.fingerprint, disabled_at = excluded.disabled_at",
+            (name, reason, fingerprint, _iso(now())),
+        )
+
+    def target_disabled(self, name: str, fingerprint: str) -> str | None:
+        """Why the target is off, or None. A changed configuration switches it back on."""
+        row = self._execute("SELECT reason, fingerprint FROM targets WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        if row["fingerprint"] != fingerprint:
+            self._execute("DELETE FROM targets WHERE name = ?", (name,))
+            return None
+        return str(row["reason"])
+
+    def issue_by_id(self, issue_id: int) -> Issue | None:
+        row = self._execute("SELECT * FROM issues WHERE id = ?", (issue_id,)).fetchone()
+        return _issue(row) if row else None
 
     # -- suppressions: addresses that unsubscribed stay unsubscribed ----------------------------
 
@@ -493,6 +573,7 @@ def _entry(row: sqlite3.Row) -> StoredEntry:
         published=datetime.fromisoformat(row["published"]),
         image_url=row["image_url"],
         categories=json.loads(row["categories"]),
+        first_seen=datetime.fromisoformat(row["first_seen"]),
     )
 
 

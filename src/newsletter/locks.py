@@ -1,0 +1,49 @@
+"""One run of a schedule at a time, across processes: a lock row in the store, kept fresh."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from .errors import BusyError
+from .store import Store, lock_owner
+
+
+class ScheduleLock:
+    """One run of a schedule at a time, across processes; refreshed while the run lasts."""
+
+    TTL = 60.0
+
+    def __init__(self, database_url: str, store: Store, name: str, wait: float, stop: threading.Event | None):
+        self.database_url, self.store, self.name = database_url, store, f"schedule:{name}"
+        self.schedule, self.wait, self.stop = name, wait, stop
+        self.owner = lock_owner()
+        self._done = threading.Event()
+
+    def __enter__(self) -> None:
+        deadline = time.monotonic() + self.wait
+        while (holder := self.store.acquire_lock(self.name, self.owner, self.TTL)) is not None:
+            if time.monotonic() >= deadline or (self.stop is not None and self.stop.is_set()):
+                host, _, rest = holder.partition(":")
+                raise BusyError(
+                    f"schedule {self.schedule!r} is being sent by another process"
+                    f" (pid {rest.partition(':')[0]} on {host}); nothing done",
+                    hint="it finishes the issue itself; run again later or pass --wait SECONDS",
+                )
+            time.sleep(0.5)
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        # Its own connection: a SQLite connection belongs to the thread that made it.
+        store = Store(self.database_url)
+        try:
+            while not self._done.wait(self.TTL / 3):
+                store.refresh_lock(self.name, self.owner, self.TTL)
+        finally:
+            store.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.store.release_lock(self.name, self.owner)

@@ -1,0 +1,306 @@
+"""Sharing: the share line under each article, snippet texts, UTM tags, and posting to webhooks.
+
+Everything here is worked out once per article and issue, never per subscriber. Posts go
+through the ledger like email deliveries: a row per (target, item) is recorded as pending
+before anything is posted, and marked once the target answered, so a rerun or a crash never
+posts twice (beyond the one post in flight) and never skips one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from markupsafe import Markup
+
+from . import share
+from .config import Config, PostTarget, Schedule
+from .errors import DeliveryError, PermanentFailure, TargetGone, TemporaryFailure
+from .locks import ScheduleLock
+from .render import Article
+from .sanitize import html_to_text
+from .senders import Post
+from .store import Store, StoredEntry, now
+
+LABELS = {
+    "x": "X",
+    "mastodon": "Mastodon",
+    "bluesky": "Bluesky",
+    "threads": "Threads",
+    "linkedin": "LinkedIn",
+    "facebook": "Facebook",
+    "reddit": "Reddit",
+    "telegram": "Telegram",
+    "whatsapp": "WhatsApp",
+    "email": "Email",
+}
+FIRST_POST_WINDOW = timedelta(days=1)  # a new target announces only entries of the last day
+
+
+def _campaign(schedule: Schedule, name: str, issue: int | str) -> str:
+    assert schedule.utm is not None
+    return schedule.utm.campaign.replace("{schedule}", name).replace("{issue}", str(issue))
+
+
+def tagged(link: str, schedule: Schedule, name: str, issue: int | str, network: str | None = None) -> str:
+    """The article link with the schedule's UTM tags: the email's own, or a network's."""
+    utm = schedule.utm
+    if utm is None:
+        return link
+    if network is None:
+        return share.add_utm(link, utm.source, utm.medium, _campaign(schedule, name, issue), utm.content)
+    return share.add_utm(link, network, "social", _campaign(schedule, name, issue), utm.content)
+
+
+def snippets(
+    schedule: Schedule,
+    name: str,
+    title: str,
+    summary: str,
+    link: str,
+    categories: list[str],
+    issue: int | str,
+) -> dict[str, str]:
+    """Ready-to-post text per network, each within that network's own limit."""
+    out = {}
+    for network in share.NETWORKS:
+        template = schedule.share.templates.get(network) or schedule.share.template
+        limit = schedule.share.mastodon_limit if network == "mastodon" else None
+        out[network] = share.snippet(
+            network, title, summary, tagged(link, schedule, name, issue, network), categories, template, limit
+        )
+    return out
+
+
+def decorate(article: Article, schedule: Schedule, name: str, issue: int) -> None:
+    """UTM-tag the article's link and give it its share line (once per issue)."""
+    original = article.link
+    article.link = tagged(original, schedule, name, issue)
+    if not schedule.share.networks or not original.startswith(("http://", "https://")):
+        return
+    texts = {
+        n: share.snippet(
+            n,
+            article.title,
+            "",
+            tagged(original, schedule, name, issue, n),
+            article.categories,
+            schedule.share.link_template,
+        )
+        for n in schedule.share.networks
+        if n in share.NETWORKS and n not in ("reddit", "email")
+    }
+    article.share_links = []
+    for n in schedule.share.networks:
+        # Each network's link carries its own utm_source, also where only url= is honoured.
+        link = tagged(original, schedule, name, issue, n)
+        links = share.share_links(article.title, link, texts, schedule.share.mastodon_instance)
+        if n in links:
+            article.share_links.append((LABELS[n], links[n]))
+
+
+# -- posting -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PostReport:
+    target: str
+    posted_now: int = 0  # in this run
+    posted: int = 0  # in all
+    pending: int = 0
+    failed: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (item, reason)
+    disabled: str = ""  # why the target is off (410 Gone, bad credentials)
+
+
+def _wanted(target: PostTarget, entry: StoredEntry) -> bool:
+    if not target.categories:
+        return True
+    wanted = {c.lower() for c in target.categories}
+    return any(c.lower() in wanted for c in entry.categories)
+
+
+def item_id(name: str, target: str, kind: str, ref: int | str) -> str:
+    # Stable across retries and runs: it is the webhook-id / Idempotency-Key the target sees.
+    digest = hashlib.sha256(f"{name}\0{target}\0{kind}\0{ref}".encode()).hexdigest()[:24]
+    return f"nl_{kind}_{digest}"
+
+
+def queue_articles(config: Config, store: Store, name: str) -> int:
+    """Record a pending post for every new article and article target of the schedule."""
+    schedule = config.schedule(name)
+    feed_urls = [config.feed_url(f) for f in schedule.feeds]
+    queued = 0
+    for target in schedule.post:
+        if target.each != "article":
+            continue
+        key = f"post_watermark:{name}:{target.to}"
+        up_to = store.max_entry_id()
+        mark = store.meta(key)
+        entries = store.new_entries(feed_urls, int(mark) if mark else 0, up_to, 10_000)
+        if mark is None:
+            # A target added to a schedule with history announces only what is recent.
+            since = now() - FIRST_POST_WINDOW
+            entries = [e for e in entries if e.first_seen >= since]
+        with store.transaction():
+            for e in reversed(entries):  # oldest first, the order they were published in
+                if _wanted(target, e):
+                    queued += store.queue_post(
+                        target.to, item_id(name, target.to, "article", e.id), name, "article", e.id
+                    )
+            store.set_meta(key, str(up_to))
+    return queued
+
+
+def queue_issue(config: Config, store: Store, name: str, number: int, issue_id: int) -> None:
+    for target in config.schedule(name).post:
+        if target.each == "issue":
+            store.queue_post(target.to, item_id(name, target.to, "issue", number), name, "issue", issue_id)
+
+
+def _post_item(
+    config: Config, store: Store, name: str, target: PostTarget, kind: str, ref: int, network: str, pid: str
+) -> Post | None:
+    schedule = config.schedule(name)
+    if kind == "article":
+        found = store.entries([ref])
+        if not found:
+            return None
+        e = found[0]
+        summary = html_to_text(e.summary_html)
+        link = tagged(e.link, schedule, name, "posts", network)
+        text = _text(network, e.title, summary, link, e.categories, target.template, schedule)
+        return Post(
+            pid,
+            "article",
+            name,
+            e.title,
+            link,
+            summary,
+            text,
+            tuple(share.hashtags_from(e.categories)),
+            e.published.isoformat(),
+            e.image_url,
+        )
+    issue = store.issue_by_id(ref)
+    if issue is None:
+        return None
+    arts = tuple(
+        (e.title, tagged(e.link, schedule, name, issue.number, network))
+        for e in store.entries(issue.entry_ids)
+    )
+    link = arts[0][1] if arts else ""
+    summary = " · ".join(t for t, _ in arts)
+    text = _text(network, issue.subject, summary, link, [], target.template, schedule)
+    return Post(
+        pid,
+        "issue",
+        name,
+        issue.subject,
+        link,
+        summary,
+        text,
+        (),
+        issue.created_at.isoformat(),
+        "",
+        issue.number,
+        arts,
+    )
+
+
+def _text(
+    network: str,
+    title: str,
+    summary: str,
+    link: str,
+    categories: list[str],
+    template: str | None,
+    schedule: Schedule,
+) -> str:
+    # Slack, Discord and signed JSON have no counting rule of their own among the share
+    # networks; their limits (3,000 / 2,000) are far from a snippet's, so Mastodon's 500 serves.
+    rule = network if network in share.NETWORKS else "mastodon"
+    limit = schedule.share.mastodon_limit if rule == "mastodon" else None
+    return share.snippet(rule, title, summary, link, categories, template, limit)
+
+
+def post_pending(config: Config, store: Store, name: str) -> list[PostReport]:
+    """Post every pending item of the schedule's targets; one report per target."""
+    schedule = config.schedule(name)
+    reports = []
+    for target in {t.to: t for t in schedule.post}.values():
+        report = PostReport(target.to)
+        reports.append(report)
+        sender = config.senders[target.to]
+        network = str(sender.network)
+        fingerprint = hashlib.sha256(sender.options.model_dump_json().encode()).hexdigest()
+        disabled = store.target_disabled(target.to, fingerprint)
+        if disabled:
+            report.disabled = disabled
+            report.pending = len(store.pending_posts(target.to, name))
+            continue
+        try:
+            with sender:
+                for pid, kind, ref, attempts in store.pending_posts(target.to, name):
+                    item = _post_item(config, store, name, target, kind, ref, network, pid)
+                    if item is None:
+                        store.record_post(target.to, pid, "failed", "the article is no longer stored")
+                        continue
+                    try:
+                        where = sender.post(item)
+                    except TargetGone as exc:
+                        store.record_post(target.to, pid, "pending", str(exc))
+                        store.disable_target(target.to, str(exc), fingerprint)
+                        report.disabled = str(exc)
+                        break
+                    except TemporaryFailure as exc:
+                        give_up = attempts + 1 >= schedule.max_attempts
+                        store.record_post(target.to, pid, "failed" if give_up else "pending", str(exc))
+                        report.errors.append((item.title, str(exc)))
+                    except PermanentFailure as exc:
+                        store.record_post(target.to, pid, "failed", str(exc))
+                        report.errors.append((item.title, str(exc)))
+                    else:
+                        store.record_post(target.to, pid, "sent", "", where)
+                        report.posted_now += 1
+        except DeliveryError as exc:
+            report.disabled = str(exc) + (f" ({exc.hint})" if exc.hint else "")
+        counts = store.post_counts(target.to, name)
+        report.posted, report.pending, report.failed = counts["sent"], counts["pending"], counts["failed"]
+    return reports
+
+
+def post_new(
+    config: Config, store: Store, name: str, *, wait: float = 0.0, stop: threading.Event | None = None
+) -> list[PostReport]:
+    """Queue the schedule's new articles for its article targets and post everything pending."""
+    with ScheduleLock(config.database_url, store, name, wait, stop):
+        queue_articles(config, store, name)
+        return post_pending(config, store, name)
+
+
+@dataclass
+class ArticleSnippets:
+    title: str
+    link: str
+    snippets: dict[str, tuple[str, int, int]]  # network: (text, its count by that network's rule, limit)
+    share_links: list[tuple[str, str]]
+
+
+def newest_snippets(config: Config, store: Store, name: str, limit: int = 5) -> list[ArticleSnippets]:
+    """Snippets for the newest stored articles of a schedule, for `newsletter share` and the preview."""
+    schedule = config.schedule(name)
+    feed_urls = [config.feed_url(f) for f in schedule.feeds]
+    out = []
+    for e in store.new_entries(feed_urls, 0, store.max_entry_id(), limit):
+        texts = snippets(schedule, name, e.title, html_to_text(e.summary_html), e.link, e.categories, "share")
+        counted = {}
+        for network, text in texts.items():
+            cap = schedule.share.mastodon_limit if network == "mastodon" else share.NETWORKS[network].limit
+            counted[network] = (text, share.count(network, text), cap)
+        art = Article(e.title, e.link, Markup(""), "", "", e.published, "", e.categories, "")
+        decorate(art, schedule, name, "share")  # type: ignore[arg-type]
+        out.append(ArticleSnippets(e.title, e.link, counted, art.share_links))
+    return out
