@@ -91,6 +91,10 @@ def test_index_issue_page_frames_text_and_size(browser, preview: WebServer) -> N
     assert "Post 1" in page.inner_text("#text") and "Unsubscribe:" in page.inner_text("#text")
     assert "of Gmail's 102 KB clipping line" in page.inner_text("#size")
     assert "List-Unsubscribe-Post" in page.inner_text("#headers")
+    snippets = page.locator("#snippets .snippet")
+    assert snippets.count() == 2 * 10  # two articles, ten networks
+    assert "x" in snippets.first.inner_text() and "/280" in snippets.first.inner_text()
+    assert page.locator("#snippets .over").count() == 0
     shot(page, "preview-issue")
     page.close()
 

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 from . import digest
 from .config import Config
@@ -33,7 +34,7 @@ class Preview:
     headers: list[tuple[str, str]]
     subscriber: str
     is_new: bool  # False: nothing new, showing the latest entries as --force would send them
-    articles: list[dict[str, str]] = field(default_factory=list)
+    articles: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def html_bytes(self) -> int:
@@ -56,8 +57,8 @@ def _read_back(data: bytes) -> tuple[str, str, list[tuple[str, str]]]:
     return html, text, [(k, str(v)) for k, v in msg.items()]
 
 
-def _articles(store: Store, issue: Issue) -> list[dict[str, str]]:
-    return [{"title": e.title, "link": e.link} for e in store.entries(issue.entry_ids)]
+def _articles(store: Store, issue: Issue) -> list[dict[str, Any]]:
+    return [{"id": e.id, "title": e.title, "link": e.link} for e in store.entries(issue.entry_ids)]
 
 
 def next_issue(config: Config, store: Store, name: str, address: str | None = None) -> Preview | None:

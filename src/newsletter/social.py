@@ -290,17 +290,21 @@ class ArticleSnippets:
 
 
 def newest_snippets(config: Config, store: Store, name: str, limit: int = 5) -> list[ArticleSnippets]:
-    """Snippets for the newest stored articles of a schedule, for `newsletter share` and the preview."""
+    """Snippets for the newest stored articles of a schedule (`newsletter share`)."""
+    feed_urls = [config.feed_url(f) for f in config.schedule(name).feeds]
+    return entry_snippets(config, name, store.new_entries(feed_urls, 0, store.max_entry_id(), limit))
+
+
+def entry_snippets(config: Config, name: str, entries: list[StoredEntry]) -> list[ArticleSnippets]:
     schedule = config.schedule(name)
-    feed_urls = [config.feed_url(f) for f in schedule.feeds]
     out = []
-    for e in store.new_entries(feed_urls, 0, store.max_entry_id(), limit):
+    for e in entries:
         texts = snippets(schedule, name, e.title, html_to_text(e.summary_html), e.link, e.categories, "share")
         counted = {}
         for network, text in texts.items():
             cap = schedule.share.mastodon_limit if network == "mastodon" else share.NETWORKS[network].limit
             counted[network] = (text, share.count(network, text), cap)
         art = Article(e.title, e.link, Markup(""), "", "", e.published, "", e.categories, "")
-        decorate(art, schedule, name, "share")  # type: ignore[arg-type]
+        decorate(art, schedule, name, 0)
         out.append(ArticleSnippets(e.title, e.link, counted, art.share_links))
     return out

@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Flask, Response, abort, jsonify, render_template, request
 
-from . import digest, preview, render
+from . import digest, preview, render, social
 from .config import Config, load_config
 from .errors import NewsletterError
 from .store import Store
@@ -181,6 +181,7 @@ def create_preview_app(config_path: str | None = None) -> Flask:
         config = state.config
         with state.store() as store:
             past = store.issues(name, limit=20)
+            snippets = social.entry_snippets(config, name, store.entries([a["id"] for a in issue.articles]))
         subscribers = load_subscribers(config.subscribers_path(config.schedule(name))).subscribers
         return render_template(
             "schedule.html",
@@ -188,7 +189,7 @@ def create_preview_app(config_path: str | None = None) -> Flask:
             issue=issue,
             past=past,
             subscribers=subscribers[:200],
-            sent=request.args.get("sent"),
+            snippets=snippets,
         )
 
     @app.route("/schedules/<name>/email.html")
