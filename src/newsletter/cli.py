@@ -32,15 +32,10 @@ class State:
             self._config = load_config(self.config_path)
         return self._config
 
-    @contextmanager
-    def store(self) -> Iterator[Store]:
+    def store(self) -> Store:
         from .store import Store
 
-        store = Store(self.config.database_url)
-        try:
-            yield store
-        finally:
-            store.close()
+        return Store(self.config.database_url)
 
 
 def _fail(exc: NewsletterError) -> None:

@@ -1,6 +1,6 @@
 """Ready-to-post text and share links for social networks, and UTM tags for links.
 
-Each network measures a post its own way (shared/notes/social-facts.md has the sources):
+Each network measures a post its own way (as the platforms document it):
 X weighs characters and turns every link into 23, Mastodon counts code points and 23 per
 link, Bluesky counts graphemes, Threads counts emoji as their UTF-8 bytes. ``snippet`` builds a
 post from a template and cuts it until the network's own count says it fits; ``share_links``
@@ -263,17 +263,18 @@ def count(network: str, text: str) -> int:
 # --- Hashtags and templates ----------------------------------------------------------------------
 
 _NOT_TAG = regex.compile(r"[^\p{L}\p{M}\p{N}]+")
+_LETTER = regex.compile(r"\p{L}")
 
 
 def hashtags_from(categories: Iterable[str]) -> list[str]:
-    """'Build systems' -> '#BuildSystems'. Drops tags left empty or all digits (no network links
+    """'Build systems' -> '#BuildSystems'. Drops tags with no letter left in them (no network links
     '#2024'), and repeats; '#BuildSystems' itself passes through unchanged."""
     tags: list[str] = []
     seen: set[str] = set()
     for category in categories:
         words = _NOT_TAG.split(unicodedata.normalize("NFC", category))
         tag = "".join(w[:1].upper() + w[1:] for w in words)
-        if tag and not tag.isdigit() and tag.casefold() not in seen:
+        if _LETTER.search(tag) and tag.casefold() not in seen:
             seen.add(tag.casefold())
             tags.append("#" + tag)
     return tags

@@ -8,8 +8,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +52,8 @@ class _State:
         self.config  # noqa: B018 - rereads when needed
         return self._stamp
 
-    @contextmanager
-    def store(self) -> Iterator[Store]:
-        store = Store(self.config.database_url)
-        try:
-            yield store
-        finally:
-            store.close()
+    def store(self) -> Store:
+        return Store(self.config.database_url)
 
 
 def _app(name: str) -> Flask:
