@@ -69,6 +69,30 @@ def daemons() -> Iterator[list[Daemon]]:
         d.kill()
 
 
+def start_slow_send(
+    project: Project,
+    feed_server: FeedServer,
+    smtp_server: tuple[Mailbox, int],
+    daemons: list[Daemon],
+    count: int,
+) -> tuple[Daemon, list[str]]:
+    """A daemon sending one issue every 2 s to ``count`` readers through a slowish server."""
+    box, port = smtp_server
+    box.data_delay = 0.02
+    feed_server.routes["/feed.xml"] = Route(rss([item(1)]))
+    addresses = [f"r{i:03d}@example.com" for i in range(count)]
+    project.setup(
+        [feed_server.url("/feed.xml")],
+        smtp_port=port,
+        subscribers=addresses,
+        fetch_extra="  interval: 1s\n",
+        extra_schedule="    when: every 2 seconds\n",
+    )
+    daemon = Daemon(project)
+    daemons.append(daemon)
+    return daemon, addresses
+
+
 def test_digests_arrive_new_entries_follow_and_sigterm_exits_0(
     project: Project, feed_server: FeedServer, smtp_server: tuple[Mailbox, int], daemons: list[Daemon]
 ) -> None:
@@ -101,19 +125,8 @@ def test_digests_arrive_new_entries_follow_and_sigterm_exits_0(
 def test_sigterm_mid_send_stops_between_messages_and_the_rest_is_sent_later(
     project: Project, feed_server: FeedServer, smtp_server: tuple[Mailbox, int], daemons: list[Daemon]
 ) -> None:
-    box, port = smtp_server
-    box.data_delay = 0.02
-    feed_server.routes["/feed.xml"] = Route(rss([item(1)]))
-    addresses = [f"r{i:03d}@example.com" for i in range(200)]
-    project.setup(
-        [feed_server.url("/feed.xml")],
-        smtp_port=port,
-        subscribers=addresses,
-        fetch_extra="  interval: 1s\n",
-        extra_schedule="    when: every 2 seconds\n",
-    )
-    daemon = Daemon(project)
-    daemons.append(daemon)
+    box, _ = smtp_server
+    daemon, addresses = start_slow_send(project, feed_server, smtp_server, daemons, 200)
     daemon.wait_for(lambda: len(box.messages) >= 20, why="the send to start")
     started = time.monotonic()
     assert daemon.terminate() == 0
@@ -183,19 +196,8 @@ def test_a_missed_run_older_than_grace_is_skipped_and_logged(
 def test_send_digest_by_hand_while_the_daemon_sends_never_doubles_a_copy(
     project: Project, feed_server: FeedServer, smtp_server: tuple[Mailbox, int], daemons: list[Daemon]
 ) -> None:
-    box, port = smtp_server
-    box.data_delay = 0.02
-    feed_server.routes["/feed.xml"] = Route(rss([item(1)]))
-    addresses = [f"r{i:03d}@example.com" for i in range(150)]
-    project.setup(
-        [feed_server.url("/feed.xml")],
-        smtp_port=port,
-        subscribers=addresses,
-        fetch_extra="  interval: 1s\n",
-        extra_schedule="    when: every 2 seconds\n",
-    )
-    daemon = Daemon(project)
-    daemons.append(daemon)
+    box, _ = smtp_server
+    daemon, addresses = start_slow_send(project, feed_server, smtp_server, daemons, 150)
     daemon.wait_for(lambda: len(box.messages) >= 10, why="the daemon's send to start")
 
     busy = project.run_process("send-digest", "weekly")
