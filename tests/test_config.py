@@ -87,6 +87,22 @@ def test_a_good_config_resolves_paths_against_its_folder(folder: Path) -> None:
             ("${SMTP_HOST}", "${NOT_SET_ANYWHERE}"),
             "senders.mail.host: environment variable NOT_SET_ANYWHERE is not set",
         ),
+        (
+            ("    max_articles: 20", "    max_articles: 20\n    share:\n      template: '{title} {body}'"),
+            "schedules.weekly.share.template: snippet template",
+        ),
+        (
+            ("    max_articles: 20", "    max_articles: 20\n    share:\n      networks: [x, myspace]"),
+            "schedules.weekly.share.networks: Value error, unknown network(s) ['myspace']",
+        ),
+        (
+            ("    max_articles: 20", "    max_articles: 20\n    post:\n      - to: nowhere"),
+            "schedules.weekly.post[0].to: no sender named 'nowhere'",
+        ),
+        (
+            ("    max_articles: 20", "    max_articles: 20\n    post:\n      - to: mail"),
+            "schedules.weekly.post[0].to: 'mail' is not a webhook sender",
+        ),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(folder: Path, change: tuple[str, str], expected: str) -> None:

@@ -279,6 +279,22 @@ def _describe(exc: ValidationError, path: Path, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+def _check_snippet_templates(path: Path, name: str, schedule: Schedule) -> list[str]:
+    from .share import check_template  # imported here: its regexes cost 0.1 s at import
+
+    found = [("share.link_template", schedule.share.link_template)]
+    found += [("share.template", schedule.share.template)] if schedule.share.template else []
+    found += [(f"share.templates.{k}", v) for k, v in schedule.share.templates.items()]
+    found += [(f"post[{i}].template", t.template) for i, t in enumerate(schedule.post) if t.template]
+    problems = []
+    for key, template in found:
+        try:
+            check_template(template)
+        except ValueError as exc:
+            problems.append(f"{path}: schedules.{name}.{key}: {exc}")
+    return problems
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     path = Path(path or os.environ.get("NEWSLETTER_CONFIG") or DEFAULT_CONFIG)
     try:
@@ -337,6 +353,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
                 problems.append(
                     f"{path}: schedules.{name}.post[{i}].to: {target.to!r} is not a webhook sender"
                 )
+        problems += _check_snippet_templates(path, name, schedule)
         if schedule.when:
             try:
                 parse_when(schedule.when, schedule.timezone or settings.timezone)
