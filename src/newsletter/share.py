@@ -308,36 +308,37 @@ _NO_SPACE = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\u3000-\u303f\uff00-
 _TRAILING = " \t,.;:-–—、。，"
 
 
-def _shortenings(text: str) -> list[str]:
-    """Every shorter version of text, shortest first, each ending in an ellipsis.
-
-    Cuts fall on word boundaries (or between CJK characters), never inside a grapheme cluster.
-    Only the first word may be cut anywhere, for a run with no boundary in it at all.
-    """
+def _cut_points(text: str) -> list[int]:
+    """Where text may be cut, in order: word boundaries (or between CJK characters), never inside
+    a grapheme cluster. Only the first word may be cut anywhere, for a run with no boundary at all."""
     inner = [m.end() for m in _GRAPHEME.finditer(text)][:-1]
     words = [
         p for p in inner if text[p].isspace() or _NO_SPACE.match(text[p - 1]) or _NO_SPACE.match(text[p])
     ]
-    first = words[0] if words else len(text)
-    cuts: list[str] = []
-    for p in [p for p in inner if p < first] + words:
-        head = text[:p].rstrip(_TRAILING)
-        if head and (not cuts or cuts[-1] != head + ELLIPSIS):
-            cuts.append(head + ELLIPSIS)
-    return cuts
+    first_word = words[0] if words else len(text)
+    # A cut must leave something besides spaces and punctuation before the ellipsis.
+    first_char = len(text) - len(text.lstrip(_TRAILING))
+    return [p for p in inner if first_char < p < first_word] + [p for p in words if p > first_char]
 
 
-def _longest(options: Sequence[str], fits: Callable[[str], bool]) -> str | None:
-    """The longest option that fits, options being ordered shortest first.
+def _shorten(text: str, cut: int) -> str:
+    """text up to cut, marked with an ellipsis; the whole text at len(text), nothing at 0."""
+    if cut >= len(text) or cut == 0:
+        return text[:cut]
+    return text[:cut].rstrip(_TRAILING) + ELLIPSIS
 
-    Binary search: a count is not always monotonic (a cut can turn a link back into text), but
-    whatever this returns has been measured and fits.
+
+def _longest(cuts: Sequence[int], fits: Callable[[int], bool]) -> int | None:
+    """The longest of the cuts (in increasing order) that fits, by binary search.
+
+    A count is not always monotonic (a cut can turn a link back into plain text), but whatever
+    this returns has been measured and fits.
     """
-    best, lo, hi = None, 0, len(options) - 1
+    best, lo, hi = None, 0, len(cuts) - 1
     while lo <= hi:
         mid = (lo + hi) // 2
-        if fits(options[mid]):
-            best, lo = options[mid], mid + 1
+        if fits(cuts[mid]):
+            best, lo = cuts[mid], mid + 1
         else:
             hi = mid - 1
     return best
@@ -355,9 +356,10 @@ def snippet(
     """Ready-to-post text for one article that fits the network's limit by its own count.
 
     hashtags are categories or tags (see hashtags_from). When the text is too long: the summary
-    is cut first, down to SUMMARY_FLOOR characters; then hashtags go from the end; then the rest
-    of the summary; then the title. Cuts fall on word boundaries and end in an ellipsis. The link
-    is never cut: if it cannot fit on its own, ValueError.
+    is cut first, down to about SUMMARY_FLOOR characters; then hashtags go from the end; then the
+    rest of the summary; then the title. Cuts fall on word boundaries and end in an ellipsis; a
+    summary left out whole leaves no mark. The link is never cut: if it cannot fit on its own,
+    ValueError.
     """
     net = _network(network)
     template = net.template if template is None else template
@@ -373,24 +375,22 @@ def snippet(
     def fits(candidate: str) -> bool:
         return net.count(net.posted(candidate, link)) <= limit
 
-    def summary_fits(n_tags: int) -> Callable[[str], bool]:
-        return lambda s: fits(text(title, s, n_tags))
+    def summary_fits(n_tags: int) -> Callable[[int], bool]:
+        return lambda cut: fits(text(title, _shorten(summary, cut), n_tags))
 
-    summaries = _shortenings(summary)
+    cuts = _cut_points(summary)
     floor = min(SUMMARY_FLOOR, len(summary))
     for n_tags in range(len(tags), -1, -1):
-        if n_tags:
-            options = [s for s in summaries if len(s) > floor] + [summary]
-        else:
-            options = ["", *summaries, summary] if summary else [""]
-        best = _longest(options, summary_fits(n_tags))
+        # With hashtags still in, the summary keeps its opening words; without, it may go.
+        options = [c for c in cuts if c > floor] if n_tags else [0, *cuts]
+        best = _longest([*options, len(summary)], summary_fits(n_tags))
         if best is not None:
-            return text(title, best, n_tags)
+            return text(title, _shorten(summary, best), n_tags)
 
-    best = _longest(["", *_shortenings(title)], lambda t: fits(text(t, "", 0)))
-    if best is None:
+    cut = _longest([0, *_cut_points(title)], lambda cut: fits(text(_shorten(title, cut), "", 0)))
+    if cut is None:
         raise ValueError(f"{network}: the link alone does not fit in {limit}: {link}")
-    return text(best, "", 0)
+    return text(_shorten(title, cut), "", 0)
 
 
 # --- Share-intent links --------------------------------------------------------------------------
