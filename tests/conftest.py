@@ -6,13 +6,14 @@ import asyncio
 import email
 import email.policy
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -305,3 +306,57 @@ def sent_messages(folder: Path) -> dict[str, EmailMessage]:
         msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
         found[path.stem] = msg  # type: ignore[assignment]
     return found
+
+
+# -- the daemon as a real process --------------------------------------------------------------
+
+
+class Daemon:
+    """The daemon in a subprocess, its log collected line by line."""
+
+    def __init__(self, project: Project) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "newsletter", "--config", str(project.config), "run"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ},
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, what: Callable[[], bool], timeout: float = 30, why: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            assert self.proc.poll() is None, f"daemon died:\n{self.log}"
+            assert time.monotonic() < deadline, f"timed out waiting for {why}:\n{self.log}"
+            time.sleep(0.05)
+
+    def terminate(self, timeout: float = 10) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill()

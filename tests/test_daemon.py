@@ -2,71 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
-from conftest import FeedServer, Mailbox, Project, Route, item, rss
+from conftest import Daemon, FeedServer, Mailbox, Project, Route, item, rss
 from newsletter.config import load_config
 from newsletter.store import Store
-
-
-class Daemon:
-    """The daemon in a subprocess, its log collected line by line."""
-
-    def __init__(self, project: Project) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "newsletter", "--config", str(project.config), "run"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ},
-        )
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, what: Callable[[], bool], timeout: float = 30, why: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while not what():
-            assert self.proc.poll() is None, f"daemon died:\n{self.log}"
-            assert time.monotonic() < deadline, f"timed out waiting for {why}:\n{self.log}"
-            time.sleep(0.05)
-
-    def terminate(self, timeout: float = 10) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def start_slow_send(

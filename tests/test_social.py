@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import FeedServer, Project, Route, item, rss, sent_messages
+from conftest import Daemon, FeedServer, Project, Route, item, rss, sent_messages
 from newsletter import share
 
 SECRET = "whsec_" + base64.b64encode(b"a very secret key for tests").decode()
@@ -256,3 +256,20 @@ def test_an_issue_target_gets_each_issue_once(
     assert seen["payload"]["type"] == "issue.published"
     data = seen["payload"]["data"]
     assert data["issue_number"] == 1 and [a["title"] for a in data["articles"]] == ["Post 2", "Post 1"]
+
+
+def test_the_daemon_posts_new_articles_on_its_own(
+    project: Project, feed_server: FeedServer, receiver: Receiver, daemons: list[Daemon]
+) -> None:
+    feed_server.routes["/feed.xml"] = Route(rss([item(1)]))
+    project.setup([feed_server.url("/feed.xml")], fetch_extra="  interval: 1s\n")
+    with_hook(project, receiver)
+    project.config.write_text(project.config.read_text() + "    post_every: 1s\n")
+    daemon = Daemon(project)
+    daemons.append(daemon)
+    daemon.wait_for(lambda: receiver.titles() == ["Post 1"], why="the first post")
+    feed_server.routes["/feed.xml"] = Route(rss([item(1), item(2)]))
+    daemon.wait_for(lambda: len(receiver.seen) == 2, why="the post of the new article")
+    assert daemon.terminate() == 0
+    assert receiver.titles() == ["Post 1", "Post 2"]
+    assert "event=post schedule=weekly" in daemon.log
