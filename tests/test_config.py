@@ -135,3 +135,17 @@ def test_smtp_cannot_be_both_starttls_and_ssl(folder: Path) -> None:
         folder, GOOD.replace("    port: 2525", "    port: 2525\n    starttls: true\n    ssl: true")
     )
     assert "senders.mail" in message and "not both" in message
+
+
+def test_a_feed_may_carry_its_own_polling_interval(folder: Path) -> None:
+    text = GOOD.replace(
+        'feeds: [feeds/a.xml, "https://blog.example.org/feed"]',
+        'feeds: [feeds/a.xml, {url: "https://blog.example.org/feed", interval: 2h}]',
+    )
+    config = load(folder, text.replace("unsubscribe_url", "max_articles: 20\n    unsubscribe_url"))
+    from datetime import timedelta
+
+    assert config.feed_interval("https://blog.example.org/feed") == timedelta(hours=2)
+    assert config.feed_interval((folder / "feeds" / "a.xml").as_uri()) == timedelta(minutes=15)
+    bad = text.replace("interval: 2h", "interval: often")
+    assert "not a duration: 'often'" in error(folder, bad)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any, Literal
@@ -107,9 +108,23 @@ class PostTarget(Strict):
     template: str | None = None  # the post's text (default: the network's snippet template)
 
 
+class FeedRef(Strict):
+    """A feed with settings of its own: ``- {url: https://..., interval: 1h}``."""
+
+    url: str
+    interval: str | int | None = None  # how often the daemon polls it (default: fetch.interval)
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+
 class Schedule(Strict):
     title: str = ""
-    feeds: list[str] = Field(min_length=1)
+    feeds: list[str | FeedRef] = Field(min_length=1)
     subscribers: str
     sender: str
     from_: str = Field(alias="from")
@@ -215,11 +230,23 @@ class Config:
             return None
         return parse_when(schedule.when, schedule.timezone or self.settings.timezone)
 
+    def feed_interval(self, url: str) -> timedelta:
+        """How often the daemon polls a feed: its own interval, else fetch.interval."""
+        own = [
+            parse_duration(f.interval)
+            for s in self.schedules.values()
+            for f in s.feeds
+            if isinstance(f, FeedRef) and f.interval is not None and self.feed_url(f) == url
+        ]
+        return min(own) if own else parse_duration(self.settings.fetch.interval)
+
     def resolve(self, value: str) -> Path:
         return (self.base_dir / value).resolve()
 
-    def feed_url(self, feed: str) -> str:
+    def feed_url(self, feed: str | FeedRef) -> str:
         """Feeds are URLs or paths relative to the config; both are stored as URLs."""
+        if isinstance(feed, FeedRef):
+            feed = feed.url
         if re.match(r"^https?://", feed, re.I):
             return feed
         return self.resolve(feed).as_uri()

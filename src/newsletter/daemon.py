@@ -75,13 +75,13 @@ class Daemon:
         config = self.config
         store = Store(config.database_url)
         try:
-            interval = parse_duration(config.settings.fetch.interval)
             now = datetime.now(UTC)
             due = []
             known = {f["url"]: f for f in store.feeds()}
             for url in dict.fromkeys(config.feed_url(f) for s in config.schedules.values() for f in s.feeds):
                 row = known.get(url)
-                wait = max(interval, timedelta(minutes=(row or {}).get("ttl") or 0))
+                # A feed's own <ttl> is the publisher asking us to wait at least that long.
+                wait = max(config.feed_interval(url), timedelta(minutes=(row or {}).get("ttl") or 0))
                 if row is None or not row["last_checked"] or now - _ts(row["last_checked"]) >= wait:
                     due.append(store.feed_state(url))
             if not due:
@@ -179,7 +179,11 @@ class Daemon:
     def schedule_jobs(self) -> None:
         config = self.config
         self.scheduler.remove_all_jobs()
-        tick = min(POLL_TICK, parse_duration(config.settings.fetch.interval))
+        shortest = min(
+            [parse_duration(config.settings.fetch.interval)]
+            + [config.feed_interval(config.feed_url(f)) for s in config.schedules.values() for f in s.feeds]
+        )
+        tick = min(POLL_TICK, shortest)
         self.scheduler.add_job(
             self._job(self.poll_feeds),
             IntervalTrigger(seconds=tick.total_seconds(), timezone=UTC),
