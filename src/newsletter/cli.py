@@ -251,7 +251,7 @@ def run(state: State, log_format: str, watch: bool) -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8025, show_default=True, help="Port to listen on.")
+@click.option("--port", default=8800, show_default=True, help="Port to listen on.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the preview in a browser.")
 @click.pass_obj
 def preview(state: State, host: str, port: int, open_browser: bool) -> None:
