@@ -214,3 +214,12 @@ def test_user_templates_override_the_bundled_ones(tmp_path: Path) -> None:
     )
     assert "Custom footer for" in rendered.html
     assert "city" in rendered.fields and "unsubscribe_url" in rendered.fields
+
+
+@pytest.mark.parametrize(
+    "link", ["javascript:alert(1)", " JavaScript:alert(1)", "data:text/html,x", "file:///etc/passwd"]
+)
+def test_an_entry_link_that_is_not_http_is_shown_without_a_link(link: str) -> None:
+    _, html, text = render([entry(1, link=link, image_url="javascript:alert(2)")])
+    assert "javascript:" not in html.lower() and "data:text" not in html and "file:" not in html
+    assert "Article number 1" in html and "Read:" not in text

@@ -22,6 +22,7 @@ from .feeds import fetch_all
 from .locks import ScheduleLock
 from .message import Recipient, Skeleton
 from .render import RenderedIssue, Section, article, render_issue
+from .sanitize import web_link
 from .schedule import zone
 from .senders import Outgoing, Sender
 from .senders.file import FileOptions, FileSender
@@ -53,6 +54,7 @@ class IssueReport:
     skipped: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)  # (recipient, server reply)
     complete: bool = False
+    stopped: str = ""  # why the send of this issue stopped part-way
 
 
 @dataclass
@@ -139,7 +141,7 @@ class _Run:
         for e in entries:
             title, link = titles.get(e.feed_url, ("", ""))
             if e.feed_url not in sections:
-                sections[e.feed_url] = Section(title or e.feed_url, link)
+                sections[e.feed_url] = Section(title or e.feed_url, web_link(link))
             item = article(e, title, self.schedule.excerpt_chars)
             social.decorate(item, self.schedule, self.name, number)
             sections[e.feed_url].articles.append(item)
@@ -220,6 +222,10 @@ class _Run:
                 continue
             try:
                 sender.send(Outgoing(skeleton.envelope_from, sub.email, message_id, data, label))
+            except DeliveryError as exc:
+                # The sender cannot go on: this message and the rest stay pending.
+                report.stopped = f"{exc}" + (f" ({exc.hint})" if exc.hint else "")
+                break
             except TemporaryFailure as exc:
                 give_up = attempts + 1 >= self.schedule.max_attempts
                 self.store.record_delivery(issue.id, key, "failed" if give_up else "pending", str(exc))
@@ -307,7 +313,11 @@ def _deliver_all(
             for issue, pending in work:
                 if on_issue:
                     on_issue(len(pending))
-                report.issues.append(run.deliver(issue, sender, pending))
+                item = run.deliver(issue, sender, pending)
+                report.issues.append(item)
+                if item.stopped:
+                    report.aborted = item.stopped
+                    break
                 if run.stop is not None and run.stop.is_set():
                     report.aborted = "stopped; undelivered messages stay pending for the next run"
                     break

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
-from .errors import BusyError
+from .errors import BusyError, StoreError
 from .store import Store, lock_owner
 
 
@@ -35,15 +36,24 @@ class ScheduleLock:
         self._thread.start()
 
     def _heartbeat(self) -> None:
-        # Its own connection: a SQLite connection belongs to the thread that made it.
-        store = Store(self.database_url)
+        # Its own connection (a SQLite connection belongs to the thread that made it), with a
+        # short busy timeout: a refresh that cannot get through now is tried again later, and
+        # if none does the lock simply expires, as it would had this process died.
+        try:
+            store = Store(self.database_url, busy_timeout=2)
+        except StoreError:
+            return
         try:
             while not self._done.wait(self.TTL / 3):
-                store.refresh_lock(self.name, self.owner, self.TTL)
+                with contextlib.suppress(StoreError):
+                    store.refresh_lock(self.name, self.owner, self.TTL)
         finally:
             store.close()
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
-        self.store.release_lock(self.name, self.owner)
+        # Released on a short-fused connection: when the database is locked, the run is
+        # already failing with that error, and the row expires (or its pid is seen gone).
+        with contextlib.suppress(StoreError), Store(self.database_url, busy_timeout=2) as store:
+            store.release_lock(self.name, self.owner)

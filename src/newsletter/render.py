@@ -22,7 +22,7 @@ from markupsafe import Markup
 from premailer import Premailer
 
 from .errors import ConfigError
-from .sanitize import clean_html, excerpt, html_to_text, one_line
+from .sanitize import clean_html, excerpt, html_to_text, one_line, web_link
 from .store import StoredEntry
 
 GMAIL_CLIP_BYTES = 102 * 1024
@@ -116,12 +116,12 @@ def article(entry: StoredEntry, feed_title: str, excerpt_chars: int) -> Article:
         cleaned = str(Markup("<p>{}</p>").format(text))
     return Article(
         title=one_line(entry.title) or "(untitled)",
-        link=entry.link,
+        link=web_link(entry.link),  # a feed's javascript: link must not become a link in the email
         summary_html=Markup(cleaned),
         summary_text=text,
         author=one_line(entry.author),
         published=entry.published,
-        image_url=entry.image_url if entry.image_url.startswith(("https://", "http://")) else "",
+        image_url=web_link(entry.image_url),
         categories=entry.categories,
         feed_title=feed_title,
     )

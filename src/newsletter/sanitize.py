@@ -63,6 +63,12 @@ def html_to_text(fragment: str) -> str:
     return " ".join(text.split())
 
 
+def web_link(url: str) -> str:
+    """An http(s) URL as it is, anything else (javascript:, data:, file:) as ""."""
+    url = url.strip()
+    return url if re.match(r"https?://[^\s/]", url, re.I) and not re.search(r"[\s\x00-\x1f]", url) else ""
+
+
 def one_line(value: str) -> str:
     """For anything that may end up in a header: no CR, LF or other line breaks survive."""
     return " ".join(value.split())

@@ -20,7 +20,7 @@ from .config import Config, PostTarget, Schedule
 from .errors import DeliveryError, PermanentFailure, TargetGone, TemporaryFailure
 from .locks import ScheduleLock
 from .render import Article
-from .sanitize import html_to_text
+from .sanitize import html_to_text, web_link
 from .senders import Post
 from .store import Store, StoredEntry, now
 
@@ -170,7 +170,7 @@ def _post_item(
             return None
         e = found[0]
         summary = html_to_text(e.summary_html)
-        link = tagged(e.link, schedule, name, "posts", network)
+        link = tagged(web_link(e.link), schedule, name, "posts", network)
         text = _text(network, e.title, summary, link, e.categories, target.template, schedule)
         return Post(
             pid,

@@ -117,7 +117,7 @@ class Issue:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, busy_timeout: float = 30.0) -> None:
         if not url.startswith("sqlite:///"):
             raise StoreError(
                 f"unsupported database URL {url!r}",
@@ -127,7 +127,7 @@ class Store:
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so what is one
             # transaction is written down here and not left to the driver's guesses.
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a killed process (not a power cut) and spares an
