@@ -91,6 +91,11 @@ class SmtpSender(Sender):
                 f"sender {self.name!r}: {where} refused the login: {_reply(exc.smtp_code, exc.smtp_error)}",
                 hint="check username and the password variable",
             ) from None
+        except TimeoutError:
+            raise DeliveryError(
+                f"sender {self.name!r}: {where} did not answer within {opts.timeout:g} s",
+                hint="the server is overloaded or traffic is dropped on the way; nothing was lost, run again",
+            ) from None
         except (OSError, smtplib.SMTPException) as exc:
             raise DeliveryError(
                 f"sender {self.name!r}: cannot talk to {where}: {exc}",
