@@ -411,39 +411,72 @@ def _mastodon_host(instance: str) -> str:
     return f"{host}:{parts.port}" if parts.port else host
 
 
+def share_link(
+    network: str, title: str, link: str, text: str | None = None, mastodon_instance: str | None = None
+) -> str | None:
+    """One network's share-intent URL; None for Mastodon without the readers' server.
+
+    X, Threads, Bluesky, Mastodon and WhatsApp get the whole snippet as text=, since it already
+    holds the link and hashtags (X and Threads would add url= and hashtags= a second time).
+    LinkedIn and Facebook take only the link. Without text, the title and link make one.
+    """
+    if network in ("linkedin", "facebook"):
+        return _intent(
+            "https://www.linkedin.com/sharing/share-offsite/"
+            if network == "linkedin"
+            else "https://www.facebook.com/sharer/sharer.php",
+            **({"url": link} if network == "linkedin" else {"u": link}),
+        )
+    if network == "mastodon" and not mastodon_instance:
+        return None
+    body = text if text is not None else snippet(network, title, "", link)
+    if network == "x":
+        return _intent("https://twitter.com/intent/tweet", text=body)
+    if network == "bluesky":
+        return _intent("https://bsky.app/intent/compose", text=body)
+    if network == "threads":
+        return _intent("https://www.threads.com/intent/post", text=body)
+    if network == "reddit":
+        return _intent("https://www.reddit.com/submit", url=link, title=body)
+    if network == "telegram":
+        return _intent("https://t.me/share/url", url=link, text=body)
+    if network == "whatsapp":
+        return _intent("https://api.whatsapp.com/send", text=body)
+    if network == "email":
+        return _intent("mailto:", subject=one_line(title), body=body)
+    if network == "mastodon":
+        assert mastodon_instance
+        return _intent(f"https://{_mastodon_host(mastodon_instance)}/share", text=body)
+    raise ValueError(f"unknown network {network!r}; known: {', '.join(NETWORKS)}")
+
+
 def share_links(
     title: str,
     link: str,
     text_by_network: Mapping[str, str],
     mastodon_instance: str | None = None,
 ) -> dict[str, str]:
-    """Share-intent URL per network, for the texts that snippet() made for each.
+    """Share-intent URL per network (see share_link), for the texts snippet() made for each.
 
-    A network missing from text_by_network gets the title and link. Mastodon needs the reader's
-    server, so it is left out without mastodon_instance. X, Threads, Bluesky, Mastodon and WhatsApp
-    get the whole snippet as text=, since it already holds the link and hashtags (X and Threads
-    would add url= and hashtags= a second time). LinkedIn and Facebook take only the link.
+    A network missing from text_by_network gets the title and link. Mastodon is left out
+    without mastodon_instance.
     """
-
-    def text(network: str) -> str:
-        if network in text_by_network:
-            return text_by_network[network]
-        return snippet(network, title, "", link)
-
-    links = {
-        "x": _intent("https://twitter.com/intent/tweet", text=text("x")),
-        "bluesky": _intent("https://bsky.app/intent/compose", text=text("bluesky")),
-        "threads": _intent("https://www.threads.com/intent/post", text=text("threads")),
-        "linkedin": _intent("https://www.linkedin.com/sharing/share-offsite/", url=link),
-        "facebook": _intent("https://www.facebook.com/sharer/sharer.php", u=link),
-        "reddit": _intent("https://www.reddit.com/submit", url=link, title=text("reddit")),
-        "telegram": _intent("https://t.me/share/url", url=link, text=text("telegram")),
-        "whatsapp": _intent("https://api.whatsapp.com/send", text=text("whatsapp")),
-        "email": _intent("mailto:", subject=one_line(title), body=text("email")),
-    }
-    if mastodon_instance:
-        host = _mastodon_host(mastodon_instance)
-        links["mastodon"] = _intent(f"https://{host}/share", text=text("mastodon"))
+    links = {}
+    for network in (
+        "x",
+        "bluesky",
+        "threads",
+        "linkedin",
+        "facebook",
+        "reddit",
+        "telegram",
+        "whatsapp",
+        "email",
+        "mastodon",
+    ):
+        url = share_link(network, title, link, text_by_network.get(network), mastodon_instance)
+        if url is not None:
+            links[network] = url
     return links
 
 

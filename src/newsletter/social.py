@@ -80,25 +80,16 @@ def decorate(article: Article, schedule: Schedule, name: str, issue: int) -> Non
     article.link = tagged(original, schedule, name, issue)
     if not schedule.share.networks or not original.startswith(("http://", "https://")):
         return
-    texts = {
-        n: share.snippet(
-            n,
-            article.title,
-            "",
-            tagged(original, schedule, name, issue, n),
-            article.categories,
-            schedule.share.link_template,
-        )
-        for n in schedule.share.networks
-        if n in share.NETWORKS and n not in ("reddit", "email")
-    }
     article.share_links = []
     for n in schedule.share.networks:
         # Each network's link carries its own utm_source, also where only url= is honoured.
         link = tagged(original, schedule, name, issue, n)
-        links = share.share_links(article.title, link, texts, schedule.share.mastodon_instance)
-        if n in links:
-            article.share_links.append((LABELS[n], links[n]))
+        text = None
+        if n not in ("reddit", "email", "linkedin", "facebook"):
+            text = share.snippet(n, article.title, "", link, article.categories, schedule.share.link_template)
+        url = share.share_link(n, article.title, link, text, schedule.share.mastodon_instance)
+        if url is not None:
+            article.share_links.append((LABELS[n], url))
 
 
 # -- posting -------------------------------------------------------------------------------------
