@@ -34,7 +34,8 @@ class FetchSettings(Strict):
     timeout: float = Field(20.0, gt=0, description="seconds for the whole download of one feed")
     max_bytes: int = Field(10_000_000, gt=0, description="a larger feed is refused")
     user_agent: str = "newsletter/0.1 (+https://github.com/newsletter/newsletter)"
-    workers: int = Field(8, ge=1, le=64, description="feeds fetched at once")
+    # Fetching waits on the network, not the CPU: many at once keep a round short.
+    workers: int = Field(16, ge=1, le=64, description="feeds fetched at once")
     # The first time a feed is seen only its recent entries count as new, so subscribing a
     # schedule to a feed with years of history does not mail all of it.
     first_fetch_newest: int = Field(5, ge=0)
