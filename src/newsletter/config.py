@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .schedule import parse_duration, parse_when, zone
-from .senders import Sender, sender_types
+from .senders import Sender, sender_names, sender_type
 
 DEFAULT_CONFIG = "schedules.yaml"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -344,20 +344,20 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
 
-    types = sender_types()
+    known = sender_names()
     senders: dict[str, Sender] = {}
     problems = []
     for name, options in settings.senders.items():
         options = dict(options or {})
         kind = options.pop("type", None)
-        if kind not in types:
+        if kind not in known:
             problems.append(
                 f"{path}: senders.{name}.type: "
                 + (f"unknown sender type {kind!r}" if kind else "missing required key")
-                + f" (known: {', '.join(sorted(types))})"
+                + f" (known: {', '.join(known)})"
             )
             continue
-        cls = types[kind]
+        cls = sender_type(kind)
         try:
             senders[name] = cls(name, cls.Options.model_validate(options), path.parent)
         except ValidationError as exc:

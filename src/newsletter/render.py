@@ -19,7 +19,6 @@ from typing import Any
 
 import jinja2
 from markupsafe import Markup
-from premailer import Premailer
 
 from .errors import ConfigError
 from .sanitize import clean_html, excerpt, html_to_text, one_line, web_link
@@ -144,6 +143,8 @@ def environment(user_dir: Path | None) -> jinja2.Environment:
 
 
 def inline_css(html: str) -> str:
+    from premailer import Premailer  # 0.15 s to import: only runs that render pay for it
+
     # strip_important=False keeps !important in the @media rules that premailer leaves in
     # the <style> block; without it dark mode and narrow screens lose to the inline styles.
     return Premailer(

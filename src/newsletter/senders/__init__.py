@@ -98,10 +98,21 @@ class Sender:
         self.close()
 
 
+def sender_names() -> list[str]:
+    """The registered sender types, without importing any of them."""
+    names = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    if not names:
+        raise ConfigError(
+            "no sender types are registered",
+            hint="install the package (pip install -e .) so its entry points exist",
+        )
+    return names
+
+
 @cache
-def sender_types() -> dict[str, type[Sender]]:
-    types: dict[str, type[Sender]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+def sender_type(name: str) -> type[Sender]:
+    """Load one sender type: a config that mails by SMTP never imports the webhook plugin."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
         try:
             cls = ep.load()
         except Exception as exc:  # a broken plugin must not take the built-ins down with it
@@ -111,10 +122,10 @@ def sender_types() -> dict[str, type[Sender]]:
             ) from exc
         if not (isinstance(cls, type) and issubclass(cls, Sender)):
             raise ConfigError(f"sender plugin {ep.name!r} ({ep.value}) is not a Sender subclass")
-        types[ep.name] = cls
-    if not types:
-        raise ConfigError(
-            "no sender types are registered",
-            hint="install the package (pip install -e .) so its entry points exist",
-        )
-    return types
+        return cls
+    raise ConfigError(f"no sender type {name!r} (known: {', '.join(sender_names())})")
+
+
+def sender_types() -> dict[str, type[Sender]]:
+    """Every registered sender type, loaded."""
+    return {name: sender_type(name) for name in sender_names()}
