@@ -47,7 +47,7 @@ from bench_digest import (
 
 from newsletter.config import load_config
 from newsletter.digest import _Run, fetch, send_digest
-from newsletter.senders import Outgoing, Sender, sender_types
+from newsletter.senders import Outgoing, Sender
 from newsletter.store import Issue, Store, now
 
 TARGET_US = 50.0
@@ -65,6 +65,18 @@ class DiscardSender(Sender):
     def send(self, message: Outgoing) -> None:
         DiscardSender.messages += 1
         DiscardSender.bytes += len(message.data)
+
+
+def register_discard(folder: Path) -> None:
+    """Register DiscardSender the way any plugin package is: an entry point in its metadata."""
+    site = folder / "discard-site"
+    info = site / "bench_discard-1.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bench-discard\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[newsletter.senders]\ndiscard = bench_build:DiscardSender\n")
+    sys.path.insert(0, str(site))
+    # The entry point names this module; run as a script it is __main__, so say it is that one.
+    sys.modules.setdefault("bench_build", sys.modules[__name__])
 
 
 def write_discard_project(root: Path, subscribers: int, articles: int) -> Path:
@@ -107,7 +119,7 @@ def maxrss_mib() -> float:
 
 
 def child(mode: str, config_path: Path) -> dict[str, Any]:
-    sender_types()["discard"] = DiscardSender  # registered in this process only
+    register_discard(config_path.parent)
     config = load_config(config_path)
     base_rss = maxrss_mib()
     gc.collect()
