@@ -455,3 +455,10 @@ def test_add_utm_skips_empty_values() -> None:
     assert add_utm("https://ex.com/", "news", "", "weekly", content="") == (
         "https://ex.com/?utm_source=news&utm_campaign=weekly"
     )
+
+
+def test_the_config_knows_the_same_networks_as_share() -> None:
+    # config.py keeps its own list so that loading a config does not import share's regexes.
+    from newsletter.config import SHARE_NETWORKS
+
+    assert set(SHARE_NETWORKS) == set(NETWORKS)

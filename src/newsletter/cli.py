@@ -142,6 +142,15 @@ def _progress() -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]
             bars.pop().__exit__(None, None, None)
 
 
+WAIT = click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    metavar="SECONDS",
+    help="Wait this long for another process running this schedule (default: exit at once).",
+)
+
+
 @main.command("send-digest")
 @click.argument("schedule")
 @click.option(
@@ -151,13 +160,7 @@ def _progress() -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]
     "--to", "to", metavar="ADDRESS", help="Send the next issue to ADDRESS only, outside the ledger."
 )
 @click.option("--force", is_flag=True, help="Build an issue of the latest entries even when nothing is new.")
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=0,
-    metavar="SECONDS",
-    help="Wait this long for another process sending this schedule (default: exit at once).",
-)
+@WAIT
 @click.pass_obj
 def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, force: bool, wait: float) -> None:
     """Fetch, build the next issue of SCHEDULE and deliver it."""
@@ -399,13 +402,7 @@ def share(state: State, schedule: str, as_json: bool, limit: int) -> None:
 @main.command()
 @click.argument("schedule")
 @click.option("--no-fetch", is_flag=True, help="Post what is stored; do not poll the feeds first.")
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=0,
-    metavar="SECONDS",
-    help="Wait this long for another process running this schedule.",
-)
+@WAIT
 @click.pass_obj
 def post(state: State, schedule: str, no_fetch: bool, wait: float) -> None:
     """Announce SCHEDULE's new articles to its post: targets (webhooks), once each."""
