@@ -80,14 +80,15 @@ def sample_message(config_path: Path, workdir: Path) -> tuple[bytes, list[str]]:
         issue = Issue(0, SCHEDULE, 1, date, "draft", [e.id for e in entries], rendered.subject, payload)
         skeleton = run.skeleton(issue)
         built = []
-        for sub in run.active[:201]:
+        subs = [sub for sub, _ in store.subscribers(run.list_name, limit=10**9)]
+        for sub in subs[:201]:
             recipient = run.recipient(sub)
             built.append((len(skeleton.build(recipient)[1]), sub, recipient))
         built.sort(key=lambda b: b[0])
         _size, sub, recipient = built[len(built) // 2]
         data = skeleton.build(recipient)[1]
         check_message(data, sub.email, recipient.values["unsubscribe_url"])
-        return data, [s.email for s in run.active]
+        return data, [s.email for s in subs]
     finally:
         store.close()
 

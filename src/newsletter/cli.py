@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from . import digest
     from .config import Config
     from .store import Store
+    from .subscribers import Subscriber
 
 
 class State:
@@ -294,14 +295,18 @@ def subscribers() -> None:
     """Show and export subscriber lists as they really are (unsubscribes applied)."""
 
 
-def _list_state(state: State, name: str) -> tuple[Any, dict[str, Any]]:
-    from .subscribers import load_subscribers
-
+def _list_path(state: State, name: str) -> Path:
     path = state.config.base_dir / "subscribers" / f"{name}.csv"
     if not path.is_file():
         raise click.UsageError(f"no subscriber list {path}")
-    with state.store() as store:
-        return load_subscribers(path), store.suppressed(name)
+    return path
+
+
+def _each_subscriber(store: Store, name: str) -> Iterator[tuple[Subscriber, bool]]:
+    after = ""
+    while page := store.subscribers(name, after):
+        yield from page
+        after = page[-1][0].key
 
 
 @subscribers.command("list")
@@ -309,14 +314,17 @@ def _list_state(state: State, name: str) -> tuple[Any, dict[str, Any]]:
 @click.pass_obj
 def subscribers_list(state: State, name: str) -> None:
     """Every address in subscribers/NAME.csv and whether it still gets email."""
-    loaded, suppressed = _list_state(state, name)
-    for problem in loaded.problems:
-        click.echo(f"warning: {problem}", err=True)
-    for sub in loaded.subscribers:
-        mark = "unsubscribed" if sub.key in suppressed else "active"
-        click.echo(f"{mark:<13} {sub.email}" + (f"  ({sub.name})" if sub.name else ""))
-    active = sum(s.key not in suppressed for s in loaded.subscribers)
-    click.echo(f"{active} active, {len(loaded.subscribers) - active} unsubscribed", err=True)
+    from .subscribers import sync
+
+    path = _list_path(state, name)
+    with state.store() as store:
+        for problem in sync(store, path).problems:
+            click.echo(f"warning: {problem}", err=True)
+        for sub, suppressed in _each_subscriber(store, name):
+            mark = "unsubscribed" if suppressed else "active"
+            click.echo(f"{mark:<13} {sub.email}" + (f"  ({sub.name})" if sub.name else ""))
+        total, active = store.subscriber_counts(name)
+    click.echo(f"{active} active, {total - active} unsubscribed", err=True)
 
 
 @subscribers.command("suppressed")
@@ -324,7 +332,9 @@ def subscribers_list(state: State, name: str) -> None:
 @click.pass_obj
 def subscribers_suppressed(state: State, name: str) -> None:
     """Addresses that unsubscribed from NAME, when and how."""
-    _, suppressed = _list_state(state, name)
+    _list_path(state, name)
+    with state.store() as store:
+        suppressed = store.suppressed(name)
     for address, (when, source) in suppressed.items():
         click.echo(f"{when:%Y-%m-%d %H:%M} UTC  {source:<9} {address}")
 
@@ -339,13 +349,19 @@ def subscribers_export(state: State, name: str, out: Any) -> None:
     """Write NAME as CSV without the addresses that unsubscribed."""
     import csv
 
-    loaded, suppressed = _list_state(state, name)
-    extra = sorted({k for s in loaded.subscribers for k in s.fields})
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["email", "name", *extra])
-    for sub in loaded.subscribers:
-        if sub.key not in suppressed:
-            writer.writerow([sub.email, sub.name, *(sub.fields.get(k, "") for k in extra)])
+    from .subscribers import sync
+
+    path = _list_path(state, name)
+    with state.store() as store:
+        problems = sync(store, path).problems
+        extra = store.subscriber_fields(name)
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["email", "name", *extra])
+        for sub, suppressed in _each_subscriber(store, name):
+            if not suppressed:
+                writer.writerow([sub.email, sub.name, *(sub.fields.get(k, "") for k in extra)])
+    for problem in problems:
+        click.echo(f"warning: {problem}", err=True)
 
 
 @main.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parseaddr
@@ -26,8 +26,8 @@ from .sanitize import web_link
 from .schedule import zone
 from .senders import Outgoing, Sender
 from .senders.file import FileOptions, FileSender
-from .store import Issue, Store, StoredEntry, now
-from .subscribers import Subscriber, SubscriberList, load_subscribers
+from .store import Issue, Pending, Store, StoredEntry, now
+from .subscribers import Subscriber, SubscriberList, sync
 from .tokens import UnsubscribeTokens
 
 Progress = Callable[[int], None]  # called with how many messages were just handled
@@ -102,11 +102,8 @@ class _Run:
         self.config, self.store, self.name = config, store, name
         self.schedule = config.schedule(name)
         self.progress = progress
-        self.subscribers: SubscriberList = load_subscribers(config.subscribers_path(self.schedule))
-        # Unsubscribed addresses are skipped even while they are still in the CSV.
-        self.suppressed = store.suppressed(self.schedule.subscribers)
-        self.active = [s for s in self.subscribers.subscribers if s.key not in self.suppressed]
-        self.by_key = {s.key: s for s in self.active}
+        self.subscribers: SubscriberList = sync(store, config.subscribers_path(self.schedule))
+        self.list_name = self.subscribers.name
         secret = os.environ.get("NEWSLETTER_SECRET") or store.secret("unsubscribe")
         self.tokens = UnsubscribeTokens(secret)
         self.feed_urls = [config.feed_url(f) for f in self.schedule.feeds]
@@ -159,8 +156,7 @@ class _Run:
 
     def build_issue(self, force: bool, ledger: bool = True) -> Issue | None:
         """Record the next issue; with ``ledger=False`` (a test send) it gets no deliveries."""
-        recipients = [s.email for s in self.active] if ledger else []
-        if ledger and not recipients:
+        if ledger and not self.store.subscriber_counts(self.list_name)[1]:
             # Building would use up the new entries with no one to read them.
             raise ConfigError(
                 f"{self.subscribers.path}: no valid, subscribed addresses; no issue built",
@@ -176,7 +172,7 @@ class _Run:
             entry_ids=issue.entry_ids,
             subject=issue.subject,
             payload=issue.payload,
-            recipients=recipients,
+            list_name=self.list_name if ledger else None,
         )
 
     def draft(self, force: bool) -> tuple[Issue, int] | None:
@@ -199,18 +195,26 @@ class _Run:
         issue = Issue(0, self.name, number, date, "draft", [e.id for e in entries], rendered.subject, payload)
         return issue, up_to
 
-    def deliver(self, issue: Issue, sender: Sender, pending: list[tuple[str, int]]) -> IssueReport:
+    def pending(self, issue: Issue) -> Iterator[Pending]:
+        """Every delivery of the issue still to be made, fetched a page at a time."""
+        after = ""
+        while page := self.store.pending(issue.id, self.list_name, after):
+            yield from page
+            after = page[-1].recipient
+
+    def deliver(self, issue: Issue, sender: Sender) -> IssueReport:
         skeleton = self.skeleton(issue)
         report = IssueReport(
             issue.number, issue.subject, len(issue.entry_ids), len(issue.payload["html"].encode())
         )
         label = f"{self.name}-{issue.number}"
-        for key, attempts in pending:
+        for item in self.pending(issue):
             if self.stop is not None and self.stop.is_set():
                 break
-            sub = self.by_key.get(key)
-            if sub is None:
-                why = "unsubscribed" if key in self.suppressed else f"not in {self.subscribers.path.name}"
+            key, attempts, sub = item.recipient, item.attempts, item.subscriber
+            # Unsubscribed addresses are skipped even while they are still in the CSV.
+            if sub is None or item.suppressed:
+                why = "unsubscribed" if item.suppressed else f"not in {self.subscribers.path.name}"
                 self.store.skip_delivery(issue.id, key, why)
                 report.skipped += 1
                 continue
@@ -302,9 +306,9 @@ def _deliver_all(
     issues: list[Issue],
     on_issue: Callable[[int], None] | None,
 ) -> None:
-    work = [(issue, run.store.pending(issue.id)) for issue in issues]
+    work = [(issue, run.store.delivery_counts(issue.id)["pending"]) for issue in issues]
     if not any(pending for _, pending in work):
-        report.issues += [run.deliver(issue, sender, []) for issue, _ in work]
+        report.issues += [run.deliver(issue, sender) for issue, _ in work]
         return
     # The sender is opened only when there is something to send: "nothing new" needs no
     # mail server, and a server that is down leaves the built issue pending for the next run.
@@ -312,8 +316,8 @@ def _deliver_all(
         with sender:
             for issue, pending in work:
                 if on_issue:
-                    on_issue(len(pending))
-                item = run.deliver(issue, sender, pending)
+                    on_issue(pending)
+                item = run.deliver(issue, sender)
                 report.issues.append(item)
                 if item.stopped:
                     report.aborted = item.stopped
@@ -355,7 +359,7 @@ def _test_send(run: _Run, report: DigestReport, sender: Sender, to: str, force: 
     if issue is None:
         return
     _warn_clip(run, report, issue)
-    sub = run.by_key.get(to.lower()) or Subscriber(to)
+    sub = run.store.subscriber(run.list_name, to) or Subscriber(to)
     skeleton = run.skeleton(issue)
     message_id, data = skeleton.build(run.recipient(sub))
     item = IssueReport(issue.number, issue.subject, len(issue.entry_ids), len(issue.payload["html"].encode()))
@@ -395,7 +399,7 @@ def check(config: Config, store: Store) -> CheckResult:
                     " (lower max_articles or excerpt_chars)"
                 )
         result.lines.append(
-            f"{name}: {len(run.subscribers.subscribers)} subscriber(s),"
+            f"{name}: {store.subscriber_counts(run.list_name)[0]} subscriber(s),"
             f" {len(run.feed_urls)} feed(s), sender {run.schedule.sender!r}{size}"
         )
     return result
@@ -423,10 +427,10 @@ def schedule_status(config: Config, store: Store, name: str, last: int = 5) -> S
     trigger = config.trigger(name)
     return ScheduleStatus(
         name,
-        len(run.subscribers.subscribers),
+        store.subscriber_counts(run.list_name)[0],
         len(waiting),
         [(i, store.delivery_counts(i.id)) for i in store.issues(name, last)],
         store.feeds(run.feed_urls),
         _local(trigger.get_next_fire_time(None, now()), config, name) if trigger else None,
-        sum(len(store.pending(i.id)) for i in store.unfinished_issues(name)),
+        sum(store.delivery_counts(i.id)["pending"] for i in store.unfinished_issues(name)),
     )

@@ -81,11 +81,9 @@ def next_issue(config: Config, store: Store, name: str, address: str | None = No
 
 def _subscriber(run: digest._Run, address: str | None) -> Subscriber:
     if address:
-        known = {s.key: s for s in run.subscribers.subscribers}
-        return known.get(address.lower()) or Subscriber(address)
-    if run.subscribers.subscribers:
-        return run.subscribers.subscribers[0]
-    return Subscriber("reader@example.com", "Sample Reader")
+        return run.store.subscriber(run.list_name, address) or Subscriber(address)
+    first = run.store.subscribers(run.list_name, limit=1)
+    return first[0][0] if first else Subscriber("reader@example.com", "Sample Reader")
 
 
 def sent_issue(config: Config, store: Store, name: str, number: int) -> Preview:

@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import StoreError
 from .feeds import FeedEntry, FeedState, FetchResult
+from .subscribers import Subscriber
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -74,6 +75,19 @@ CREATE TABLE IF NOT EXISTS posts (       -- the ledger of webhook posts, as deli
 CREATE TABLE IF NOT EXISTS targets (     -- webhook targets switched off (410 Gone, bad credentials)
     name TEXT PRIMARY KEY, reason TEXT NOT NULL, fingerprint TEXT NOT NULL, disabled_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS subscriber_lists (  -- the checked copy of subscribers/NAME.csv
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,             -- fingerprint of the file it was read from
+    generation INTEGER NOT NULL, problems TEXT NOT NULL, loaded_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS subscribers (
+    list_name TEXT NOT NULL, generation INTEGER NOT NULL,
+    key TEXT NOT NULL,                -- lower-cased address, as in deliveries.recipient
+    email TEXT NOT NULL, raw TEXT NOT NULL, name TEXT NOT NULL, fields TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    PRIMARY KEY (list_name, generation, key)
+);
+CREATE INDEX IF NOT EXISTS subscribers_raw ON subscribers (list_name, generation, raw);
 CREATE TABLE IF NOT EXISTS locks (
     name TEXT PRIMARY KEY, owner TEXT NOT NULL, acquired_at TEXT NOT NULL, expires_at TEXT NOT NULL
 );
@@ -292,6 +306,69 @@ class Store:
         )
         return cur.rowcount > 0
 
+    # -- subscriber lists: subscribers/NAME.csv, checked once per change of the file ---------
+
+    def subscriber_source(self, list_name: str) -> tuple[str, list[str]] | None:
+        """(fingerprint of the file last read, the problems found in it), if it was read."""
+        row = self._execute(
+            "SELECT source, problems FROM subscriber_lists WHERE name = ?", (list_name,)
+        ).fetchone()
+        return (str(row["source"]), json.loads(row["problems"])) if row else None
+
+    @contextmanager
+    def replacing_subscribers(self, list_name: str, source: str) -> Iterator[SubscriberWriter]:
+        """Write a new copy of a list; it replaces the old one only when the block succeeds."""
+        with self.transaction():
+            row = self._execute(
+                "SELECT generation FROM subscriber_lists WHERE name = ?", (list_name,)
+            ).fetchone()
+            old = int(row["generation"]) if row else 0
+            writer = SubscriberWriter(self, list_name, old)
+            yield writer
+            self._execute(
+                "INSERT INTO subscriber_lists (name, source, generation, problems, loaded_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET source = excluded.source,"
+                " generation = excluded.generation, problems = excluded.problems,"
+                " loaded_at = excluded.loaded_at",
+                (list_name, source, old + 1, json.dumps(writer.problems), _iso(now())),
+            )
+            self._execute(
+                "DELETE FROM subscribers WHERE list_name = ? AND generation != ?", (list_name, old + 1)
+            )
+
+    def subscriber_counts(self, list_name: str) -> tuple[int, int]:
+        """(addresses in the list, of them not unsubscribed)."""
+        row = self._execute(
+            f"SELECT COUNT(*) AS total, SUM({_NOT_SUPPRESSED}) AS active FROM subscribers s WHERE {_CURRENT}",
+            (list_name, list_name, list_name),
+        ).fetchone()
+        return int(row["total"]), int(row["active"] or 0)
+
+    def subscriber(self, list_name: str, address: str) -> Subscriber | None:
+        row = self._execute(
+            f"SELECT * FROM subscribers s WHERE {_CURRENT} AND key = ?",
+            (list_name, list_name, address.lower()),
+        ).fetchone()
+        return _subscriber(row) if row else None
+
+    def subscribers(self, list_name: str, after: str = "", limit: int = 500) -> list[tuple[Subscriber, bool]]:
+        """A page of the list in address order after ``after``: (subscriber, unsubscribed)."""
+        rows = self._execute(
+            f"SELECT *, NOT {_NOT_SUPPRESSED} AS suppressed FROM subscribers s WHERE {_CURRENT}"
+            " AND key > ? ORDER BY key LIMIT ?",
+            (list_name, list_name, list_name, after, limit),
+        ).fetchall()
+        return [(_subscriber(r), bool(r["suppressed"])) for r in rows]
+
+    def subscriber_fields(self, list_name: str) -> list[str]:
+        """Every extra column any subscriber of the list has, sorted."""
+        rows = self._execute(
+            f"SELECT DISTINCT j.key FROM subscribers s, json_each(s.fields) j WHERE {_CURRENT}"
+            " ORDER BY j.key",
+            (list_name, list_name),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def suppressed(self, list_name: str) -> dict[str, tuple[datetime, str]]:
         rows = self._execute(
             "SELECT address, created_at, source FROM suppressions WHERE list_name = ? ORDER BY address",
@@ -442,9 +519,10 @@ class Store:
         entry_ids: list[int],
         subject: str,
         payload: dict[str, Any],
-        recipients: list[str],
+        list_name: str | None,
     ) -> Issue:
-        """Record an issue and one pending delivery per recipient, all or nothing."""
+        """Record an issue and, all or nothing, one pending delivery per subscriber of
+        ``list_name`` who has not unsubscribed (none for a test send: ``list_name=None``)."""
         stamp = now()
         with self.transaction():
             number = 1 + int(
@@ -466,11 +544,14 @@ class Store:
                 ),
             )
             issue_id = int(cur.lastrowid or 0)
-            self.db.executemany(
-                "INSERT INTO deliveries (issue_id, recipient, status, updated_at)"
-                " VALUES (?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
-                [(issue_id, r.lower(), _iso(stamp)) for r in recipients],
-            )
+            if list_name is not None:
+                # In SQL, not Python: the ledger of 100,000 rows never passes through memory.
+                self._execute(
+                    "INSERT INTO deliveries (issue_id, recipient, status, updated_at)"
+                    " SELECT ?, s.key, 'pending', ? FROM subscribers s"
+                    f" WHERE {_ACTIVE} ON CONFLICT DO NOTHING",
+                    (issue_id, _iso(stamp), list_name, list_name, list_name),
+                )
         return Issue(issue_id, schedule, number, stamp, "sending", entry_ids, subject, payload)
 
     def unfinished_issues(self, schedule: str) -> list[Issue]:
@@ -486,14 +567,31 @@ class Store:
         ).fetchall()
         return [_issue(r) for r in rows]
 
-    def pending(self, issue_id: int) -> list[tuple[str, int]]:
-        """(recipient, attempts so far) of deliveries still to be made, in a stable order."""
+    def pending(self, issue_id: int, list_name: str, after: str = "", limit: int = 500) -> list[Pending]:
+        """The next ``limit`` deliveries still to be made, in recipient order after ``after``.
+
+        A page at a time, so memory does not grow with the list. Each comes with the
+        subscriber as the list has them now: None when they left the file since the issue
+        was built."""
         rows = self._execute(
-            "SELECT recipient, attempts FROM deliveries WHERE issue_id = ? AND status = 'pending'"
-            " ORDER BY recipient",
-            (issue_id,),
+            "SELECT d.recipient, d.attempts, s.email, s.name, s.fields,"
+            " EXISTS (SELECT 1 FROM suppressions WHERE list_name = ? AND address = d.recipient)"
+            " AS suppressed FROM deliveries d LEFT JOIN subscribers s ON s.list_name = ?"
+            " AND s.generation = (SELECT generation FROM subscriber_lists WHERE name = ?)"
+            " AND s.key = d.recipient"
+            " WHERE d.issue_id = ? AND d.status = 'pending' AND d.recipient > ?"
+            " ORDER BY d.recipient LIMIT ?",
+            (list_name, list_name, list_name, issue_id, after, limit),
         ).fetchall()
-        return [(r["recipient"], r["attempts"]) for r in rows]
+        return [
+            Pending(
+                r["recipient"],
+                r["attempts"],
+                _subscriber(r) if r["email"] is not None else None,
+                bool(r["suppressed"]),
+            )
+            for r in rows
+        ]
 
     def record_delivery(self, issue_id: int, recipient: str, status: str, error: str = "") -> None:
         # One autocommitted statement per delivery: the ledger is never behind the wire by
@@ -553,6 +651,55 @@ def _alive(owner: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# SQL fragments over ``subscribers s``; parameters: the list name for each ``?``.
+_CURRENT = "s.list_name = ? AND s.generation = (SELECT generation FROM subscriber_lists WHERE name = ?)"
+_NOT_SUPPRESSED = "NOT EXISTS (SELECT 1 FROM suppressions u WHERE u.list_name = ? AND u.address = s.key)"
+_ACTIVE = f"{_CURRENT} AND {_NOT_SUPPRESSED}"
+
+
+@dataclass
+class Pending:
+    recipient: str
+    attempts: int
+    subscriber: Subscriber | None  # None: no longer in the list
+    suppressed: bool
+
+
+class SubscriberWriter:
+    """Adds the rows of one new copy of a list, inside ``Store.replacing_subscribers``."""
+
+    def __init__(self, store: Store, list_name: str, old: int) -> None:
+        self.store, self.list_name, self.old = store, list_name, old
+        self.problems: list[str] = []
+
+    def known(self, raw: str) -> str | None:
+        """The checked address ``raw`` became in the previous copy, so it is not checked twice."""
+        row = self.store._execute(
+            "SELECT email FROM subscribers WHERE list_name = ? AND generation = ? AND raw = ?",
+            (self.list_name, self.old, raw),
+        ).fetchone()
+        return str(row["email"]) if row else None
+
+    def add(self, sub: Subscriber, raw: str, line: int) -> int | None:
+        """Add a subscriber; if the address is already in this copy, the line it is on."""
+        cur = self.store._execute(
+            "INSERT INTO subscribers (list_name, generation, key, email, raw, name, fields, line)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (self.list_name, self.old + 1, sub.key, sub.email, raw, sub.name, json.dumps(sub.fields), line),
+        )
+        if cur.rowcount:
+            return None
+        row = self.store._execute(
+            "SELECT line FROM subscribers WHERE list_name = ? AND generation = ? AND key = ?",
+            (self.list_name, self.old + 1, sub.key),
+        ).fetchone()
+        return int(row["line"])
+
+
+def _subscriber(row: sqlite3.Row) -> Subscriber:
+    return Subscriber(row["email"], row["name"], json.loads(row["fields"]))
 
 
 def _backlog(entries: list[FeedEntry], newest: int, days: float | None) -> set[int]:

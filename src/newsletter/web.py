@@ -18,7 +18,7 @@ from . import digest, preview, render, social
 from .config import Config, load_config
 from .errors import NewsletterError
 from .store import Store
-from .subscribers import load_subscribers
+from .subscribers import sync
 from .tokens import TokenError, UnsubscribeTokens
 
 TEMPLATES = Path(__file__).parent / "web_templates"
@@ -176,13 +176,14 @@ def create_preview_app(config_path: str | None = None) -> Flask:
         with state.store() as store:
             past = store.issues(name, limit=20)
             snippets = social.entry_snippets(config, name, store.entries([a["id"] for a in issue.articles]))
-        subscribers = load_subscribers(config.subscribers_path(config.schedule(name))).subscribers
+            listed = sync(store, config.subscribers_path(config.schedule(name)))
+            subscribers = [sub for sub, _ in store.subscribers(listed.name, limit=200)]
         return render_template(
             "schedule.html",
             name=name,
             issue=issue,
             past=past,
-            subscribers=subscribers[:200],
+            subscribers=subscribers,
             snippets=snippets,
         )
 
