@@ -462,3 +462,24 @@ def test_the_config_knows_the_same_networks_as_share() -> None:
     from newsletter.config import SHARE_NETWORKS
 
     assert set(SHARE_NETWORKS) == set(NETWORKS)
+
+
+def test_top_level_domains_agree_with_the_public_suffix_list() -> None:
+    # share reads only the one-label rules; it must answer as the whole list does, for every
+    # label the list names, in Unicode, xn-- and upper case, and for names that are no TLD.
+    from publicsuffixlist import PSLFILE, PublicSuffixList
+
+    from newsletter import share
+
+    full = PublicSuffixList(only_icann=True, accept_unknown=False)
+    labels = {"node", "js", "py", "local", "zz", "ＣＯＭ", "-"}
+    with open(PSLFILE, encoding="utf-8") as rules:
+        for line in rules:
+            if line.strip() and not line.startswith("//"):
+                labels.update(line.strip().lstrip("!*.").split("."))
+    labels |= {label.encode("idna").decode("ascii") for label in labels if not label.isascii()}
+    labels |= {label.upper() for label in labels}
+    disagree = sorted(label for label in labels if share._is_tld(label) != full.is_public(label))
+    assert disagree == []
+    assert share._is_tld("com") and share._is_tld("xn--p1ai") and share._is_tld("рф")
+    assert not share._is_tld("js")

@@ -13,7 +13,6 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any, Literal
 
-import jinja2
 import yaml
 from apscheduler.triggers.base import BaseTrigger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -178,6 +177,8 @@ class Schedule(Strict):
     @field_validator("subject")
     @classmethod
     def _template(cls, value: str) -> str:
+        import jinja2  # only a config that sets a subject pays for it
+
         try:
             jinja2.Environment().parse(value)
         except jinja2.TemplateSyntaxError as exc:
@@ -308,12 +309,15 @@ def _describe(exc: ValidationError, path: Path, prefix: str = "") -> str:
 
 
 def _check_snippet_templates(path: Path, name: str, schedule: Schedule) -> list[str]:
-    from .share import check_template  # imported here: its regexes cost 0.1 s at import
-
-    found = [("share.link_template", schedule.share.link_template)]
-    found += [("share.template", schedule.share.template)] if schedule.share.template else []
+    found = [("share.template", schedule.share.template)] if schedule.share.template else []
+    if schedule.share.link_template != ShareSettings().link_template:
+        found.append(("share.link_template", schedule.share.link_template))
     found += [(f"share.templates.{k}", v) for k, v in schedule.share.templates.items()]
     found += [(f"post[{i}].template", t.template) for i, t in enumerate(schedule.post) if t.template]
+    if not found:
+        return []
+    from .share import check_template  # imported here: its regexes cost 0.1 s at import
+
     problems = []
     for key, template in found:
         try:

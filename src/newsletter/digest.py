@@ -14,14 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parseaddr
+from typing import TYPE_CHECKING
 
-from . import social
 from .config import Config, Schedule
 from .errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
 from .feeds import fetch_all
 from .locks import ScheduleLock
 from .message import Recipient, Skeleton
-from .render import RenderedIssue, Section, article, render_issue
 from .sanitize import web_link
 from .schedule import zone
 from .senders import Outgoing, Sender
@@ -29,6 +28,13 @@ from .senders.file import FileOptions, FileSender
 from .store import Issue, Pending, Store, StoredEntry, now
 from .subscribers import Subscriber, SubscriberList, sync
 from .tokens import UnsubscribeTokens
+
+if TYPE_CHECKING:
+    from .render import RenderedIssue, Section
+    from .social import PostReport
+
+# Rendering and sharing (Jinja2, premailer, the share rules) are imported where they are used:
+# a run that finds nothing new, the commonest run, never loads them.
 
 Progress = Callable[[int], None]  # called with how many messages were just handled
 
@@ -65,7 +71,7 @@ class DigestReport:
     warnings: list[str] = field(default_factory=list)
     aborted: str = ""  # the sender could not go on; everything undelivered stays pending
     outbox: str = ""  # where a dry run put its messages
-    posts: list[social.PostReport] = field(default_factory=list)  # issue announcements
+    posts: list[PostReport] = field(default_factory=list)  # issue announcements
 
     @property
     def ok(self) -> bool:
@@ -120,6 +126,8 @@ class _Run:
         return Recipient(sub.email, sub.name, values)
 
     def skeleton(self, issue: Issue) -> Skeleton:
+        from .render import RenderedIssue
+
         payload = dict(issue.payload)
         date = datetime.fromisoformat(payload.pop("date"))
         return Skeleton(
@@ -133,6 +141,9 @@ class _Run:
         )
 
     def sections(self, entries: list[StoredEntry], number: int = 0) -> list[Section]:
+        from . import social
+        from .render import Section, article
+
         titles = {f["url"]: (f["title"] or "", f["link"] or "") for f in self.store.feeds(self.feed_urls)}
         sections: dict[str, Section] = {}
         for e in entries:
@@ -145,6 +156,8 @@ class _Run:
         return list(sections.values())
 
     def render(self, entries: list[StoredEntry], number: int, date: datetime) -> RenderedIssue:
+        from .render import render_issue
+
         return render_issue(
             templates_dir=self.config.templates_dir,
             title=self.schedule.title or self.name,
@@ -292,9 +305,13 @@ def send_digest(
         if built is not None:
             _warn_clip(run, report, built)
             issues.append(built)
+            from . import social
+
             social.queue_issue(config, store, name, built.number, built.id)
         _deliver_all(run, report, config.senders[run.schedule.sender], issues, on_issue)
         if any(t.each == "issue" for t in run.schedule.post):
+            from . import social
+
             report.posts = social.post_pending(config, store, name)
     return report
 

@@ -20,9 +20,12 @@ from datetime import datetime
 from email import policy
 from email.quoprimime import body_encode
 from email.utils import format_datetime, formataddr, parseaddr
+from typing import TYPE_CHECKING
 
-from .render import RenderedIssue
 from .sanitize import one_line
+
+if TYPE_CHECKING:
+    from .render import RenderedIssue
 
 CRLF = b"\r\n"
 SOFT_BREAK = b"=\r\n"
