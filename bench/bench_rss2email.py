@@ -18,6 +18,9 @@
   (the feed answers 304: nothing to send). Several trials, alternating which tool goes first;
   medians and the ratio rss2email / newsletter (above 1: ours is faster). Target: ours faster
   on both runs.
+- Last, the floor: how long a bare interpreter and one that imports the libraries a
+  nothing-new run needs (click, PyYAML, pydantic, requests, sqlite3) take to start, beside
+  rss2email's whole nothing-new run.
 """
 
 from __future__ import annotations
@@ -344,6 +347,31 @@ def main() -> None:
             f"{theirs / mine:.2f}  (per trial: {', '.join(f'{r:.2f}' for r in per_trial)}) {verdict}",
             40,
         )
+
+    floor(statistics.median(t.seconds for t in peer.second))
+
+
+# The libraries newsletter's nothing-new run cannot do without: the CLI, the config file and its
+# schema, HTTP (a conditional GET), the state database.
+STACK = "import click, yaml, pydantic, requests, sqlite3"
+
+
+def floor(peer_second: float) -> None:
+    """How long the nothing-new run's libraries take just to import, against the peer's run."""
+
+    def wall(code: str) -> float:
+        times = []
+        for _ in range(10):
+            start = perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            times.append(perf_counter() - start)
+        return statistics.median(times)
+
+    bare, stack = wall("pass"), wall(STACK)
+    print(f"\nthe floor under a nothing-new run, median of 10 processes of {sys.executable}")
+    show("python -c pass", f"{bare:.2f}s", 45)
+    show("import click, yaml, pydantic, requests, sqlite3", f"{stack:.2f}s", 45)
+    show("rss2email's whole nothing-new run", f"{peer_second:.2f}s", 45)
 
 
 if __name__ == "__main__":

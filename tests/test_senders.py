@@ -15,7 +15,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from conftest import FeedServer, Mailbox, Project, Route, free_port, item, rss
 from newsletter.errors import DeliveryError
-from newsletter.senders import Outgoing, sender_type, sender_types
+from newsletter.senders import Outgoing, forget_plugins, sender_types
 from newsletter.senders.smtp import SmtpOptions, SmtpSender
 
 
@@ -56,9 +56,9 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: memo-sender\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[newsletter.senders]\nmemo = memo_sender:MemoSender\n")
     monkeypatch.syspath_prepend(str(site))
-    sender_type.cache_clear()
+    forget_plugins()
     yield
-    sender_type.cache_clear()
+    forget_plugins()
 
 
 def test_a_third_party_sender_plugs_in_through_its_entry_point(

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from conftest import free_port
 from newsletter.errors import DeliveryError, PermanentFailure, TargetGone, TemporaryFailure
-from newsletter.senders import Post, sender_type, sender_types
+from newsletter.senders import Post, forget_plugins, sender_types
 from newsletter.senders.webhook import (
     WebhookOptions,
     WebhookSender,
@@ -693,6 +693,6 @@ def test_a_missing_secret_variable_is_a_delivery_error(
 
 
 def test_registered_as_a_posting_sender() -> None:
-    sender_type.cache_clear()
+    forget_plugins()
     assert sender_types()["webhook"] is WebhookSender
     assert WebhookSender.mails is False and WebhookSender.posts is True

@@ -11,15 +11,17 @@ import re
 from datetime import timedelta
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from apscheduler.triggers.base import BaseTrigger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .schedule import parse_duration, parse_when, zone
 from .senders import Sender, sender_names, sender_type
+
+if TYPE_CHECKING:
+    from apscheduler.triggers.base import BaseTrigger
 
 DEFAULT_CONFIG = "schedules.yaml"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
