@@ -216,6 +216,25 @@ def test_user_templates_override_the_bundled_ones(tmp_path: Path) -> None:
     assert "city" in rendered.fields and "unsubscribe_url" in rendered.fields
 
 
+def test_images_floated_by_a_custom_stylesheet_get_align_for_outlook(tmp_path: Path) -> None:
+    # Outlook ignores CSS float; premailer turns it into align=, which must survive the shortcut
+    # that skips the search when nothing floats.
+    bundled = Path(render_issue.__code__.co_filename).parent / "templates" / "styles.html"
+    styles = bundled.read_text(encoding="utf-8").replace(".article-image {", ".article-image { float: left;")
+    (tmp_path / "styles.html").write_text(styles, encoding="utf-8")
+    secs = [Section("Feed", "")]
+    secs[0].articles = [article(entry(1, image_url="https://img.example.org/1.png"), "Feed", 600)]
+
+    def image_tag(templates: Path | None) -> str:
+        html = render_issue(
+            templates_dir=templates, title="T", subject_template="T", number=1, date=DATE, sections=secs
+        ).html
+        return re.search(r'<img[^>]*src="https://img.example.org/1.png"[^>]*>', html)[0]  # type: ignore[index]
+
+    assert 'align="left"' in image_tag(tmp_path)
+    assert "align=" not in image_tag(None)
+
+
 @pytest.mark.parametrize(
     "link", ["javascript:alert(1)", " JavaScript:alert(1)", "data:text/html,x", "file:///etc/passwd"]
 )
