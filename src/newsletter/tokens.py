@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
 from itsdangerous.encoding import base64_encode
 
 SALT = "newsletter.unsubscribe"
@@ -14,9 +14,21 @@ class TokenError(Exception):
     """A token that was forged, damaged or is too old; ``str()`` says which, for the page."""
 
 
+class _Signer(TimestampSigner):
+    """Derives the signing key once, not once per token: an HMAC less for every subscriber.
+    ``derive_key`` is the hook itsdangerous documents for overriding key derivation."""
+
+    def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
+        if secret_key is not None:
+            return super().derive_key(secret_key)
+        if not hasattr(self, "_key"):
+            self._key = super().derive_key()
+        return self._key
+
+
 class UnsubscribeTokens:
     def __init__(self, secret: str) -> None:
-        self._serializer = URLSafeTimedSerializer(secret, salt=SALT)
+        self._serializer = URLSafeTimedSerializer(secret, salt=SALT, signer=_Signer)
         # dumps() builds a new signer per call; one per run keeps the per-subscriber cost down.
         self._signer = self._serializer.make_signer()
 
