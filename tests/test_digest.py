@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from conftest import FeedServer, Mailbox, Project, Route, item, rss
+from newsletter.config import load_config
+from newsletter.store import Store
 
 
 def _bodies(box: Mailbox) -> list[str]:
@@ -77,6 +79,36 @@ def test_451_stays_pending_550_fails_and_the_next_run_sends_only_the_451(
 
     status = project.run("status", "weekly")
     assert "sent 2, pending 0, failed 1" in status.output
+
+
+def test_a_list_longer_than_a_page_with_edits_and_unsubscribes_between_runs(
+    project: Project, feed_server: FeedServer, smtp_server: tuple[Mailbox, int]
+) -> None:
+    # Deliveries are read a page (500) at a time: everyone on 1,201 rows gets exactly one copy.
+    box, port = smtp_server
+    feed_server.routes["/feed.xml"] = Route(rss([item(1)]))
+    rows = [f"r{n:04}@example.com,Reader {n}" for n in range(1201)]
+    project.setup([feed_server.url("/feed.xml")], smtp_port=port, subscribers=rows)
+    # Greylisted at the first try: these stay pending for the next run.
+    box.rcpt_replies = {f"r{n:04}@example.com": "451 4.7.1 Try later" for n in (3, 600, 1200)}
+    first = project.run("send-digest", "weekly")
+    assert first.exit_code == 1
+    assert "sent 1198, pending 3, failed 0" in first.output
+    assert set(box.by_recipient().values()) == {1} and len(box.by_recipient()) == 1198
+
+    # Before the retry: r0003 leaves the file, r0600 unsubscribes, a new reader is added.
+    project.write_subscribers([r for r in rows if not r.startswith("r0003@")] + ["new@example.com,New"])
+    assert project.run("subscribers", "list", "readers").exit_code == 0
+    with Store(load_config(project.config).database_url) as store:
+        store.suppress("readers", "r0600@example.com", "page")
+    box.rcpt_replies = {}
+    second = project.run("send-digest", "weekly")
+    assert second.exit_code == 0, second.output
+    got = box.by_recipient()
+    assert got["r1200@example.com"] == 1
+    assert "r0003@example.com" not in got and "r0600@example.com" not in got
+    assert "new@example.com" not in got  # joined after issue #1 was built
+    assert "sent 1199, pending 0, failed 0" in project.run("status", "weekly").output
 
 
 def test_a_feed_that_is_down_does_not_stop_the_others(

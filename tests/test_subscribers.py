@@ -45,7 +45,7 @@ def test_columns_become_fields_and_bad_rows_are_reported_and_skipped(tmp_path: P
         "\n"
         "carol@exa mple.com,Carol,\n",
     )
-    result = sync(store, path)
+    result = sync(store, "readers", path)
     assert emails(store) == ["ann@example.com", "bob@example.org"]
     ann = store.subscriber("readers", "ANN@EXAMPLE.COM")
     assert ann == Subscriber("ann@example.com", "Ann", {"city": "Lisbon"})
@@ -56,12 +56,12 @@ def test_columns_become_fields_and_bad_rows_are_reported_and_skipped(tmp_path: P
     assert f"{path}:8: invalid address 'carol@exa mple.com'" in problems
     assert len(result.problems) == 4
     # An unchanged file is not read again, and its problems are still reported.
-    assert sync(store, path) == result
+    assert sync(store, "readers", path) == result
 
 
 def test_utf8_bom_and_line_breaks_in_cells(tmp_path: Path, store: Store) -> None:
     path = write(tmp_path, '\ufeffemail,name\nann@example.com,"Ann\nBcc: x@example.com"\n')
-    sync(store, path)
+    sync(store, "readers", path)
     [(sub, _)] = listed(store)
     assert sub.name == "Ann Bcc: x@example.com"
 
@@ -69,20 +69,20 @@ def test_utf8_bom_and_line_breaks_in_cells(tmp_path: Path, store: Store) -> None
 def test_a_list_without_an_email_column_is_an_error(tmp_path: Path, store: Store) -> None:
     path = write(tmp_path, "mail,name\nann@example.com,Ann\n")
     with pytest.raises(ConfigError, match=r"readers.csv:1: the header row has no 'email' column"):
-        sync(store, path)
+        sync(store, "readers", path)
 
 
 def test_international_domains_are_sent_as_ascii(tmp_path: Path, store: Store) -> None:
     path = write(tmp_path, "email\nann@bücher.example.com\n")
-    sync(store, path)
+    sync(store, "readers", path)
     assert emails(store) == ["ann@xn--bcher-kva.example.com"]
 
 
 def test_an_edited_file_replaces_the_copy(tmp_path: Path, store: Store) -> None:
     path = write(tmp_path, "email,name\nann@example.com,Ann\nbob@example.org,Bob\n")
-    sync(store, path)
+    sync(store, "readers", path)
     write(tmp_path, "email,name\nbob@example.org,Robert\ncarol@example.net,Carol\n")
-    result = sync(store, path)
+    result = sync(store, "readers", path)
     assert result == SubscriberList("readers", path, [])
     assert [(s.email, s.name) for s, _ in listed(store)] == [
         ("bob@example.org", "Robert"),
@@ -93,20 +93,20 @@ def test_an_edited_file_replaces_the_copy(tmp_path: Path, store: Store) -> None:
 
 def test_a_file_broken_by_an_edit_keeps_the_last_good_copy(tmp_path: Path, store: Store) -> None:
     path = write(tmp_path, "email\nann@example.com\n")
-    sync(store, path)
+    sync(store, "readers", path)
     path.write_bytes(b"email\nann@example.com\nbob@\xff\xfe.org\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
-        sync(store, path)
+        sync(store, "readers", path)
     assert emails(store) == ["ann@example.com"]
     path.unlink()
     with pytest.raises(ConfigError, match="cannot read subscriber list"):
-        sync(store, path)
+        sync(store, "readers", path)
     assert emails(store) == ["ann@example.com"]
 
 
 def test_unsubscribed_addresses_are_counted_and_marked(tmp_path: Path, store: Store) -> None:
     path = write(tmp_path, "email\nann@example.com\nbob@example.org\n")
-    sync(store, path)
+    sync(store, "readers", path)
     store.suppress("readers", "Bob@Example.org", "cli")
     assert store.subscriber_counts("readers") == (2, 1)
     assert [(s.email, off) for s, off in listed(store)] == [
@@ -117,7 +117,7 @@ def test_unsubscribed_addresses_are_counted_and_marked(tmp_path: Path, store: St
 
 def test_lists_are_paged_in_address_order(tmp_path: Path, store: Store) -> None:
     path = write(tmp_path, "email\n" + "".join(f"r{i:03}@example.com\n" for i in range(250, 0, -1)))
-    sync(store, path)
+    sync(store, "readers", path)
     seen: list[str] = []
     after = ""
     while page := store.subscribers("readers", after, limit=100):
@@ -128,7 +128,7 @@ def test_lists_are_paged_in_address_order(tmp_path: Path, store: Store) -> None:
 
 def test_a_flood_of_bad_rows_is_summed_up(tmp_path: Path, store: Store) -> None:
     path = write(tmp_path, "email\n" + "bad\n" * (MAX_PROBLEMS + 5) + "ann@example.com\n")
-    result = sync(store, path)
+    result = sync(store, "readers", path)
     assert len(result.problems) == MAX_PROBLEMS + 1
     assert result.problems[-1] == f"{path}: 5 more problem(s) not shown"
     assert emails(store) == ["ann@example.com"]

@@ -318,7 +318,7 @@ def subscribers_list(state: State, name: str) -> None:
 
     path = _list_path(state, name)
     with state.store() as store:
-        for problem in sync(store, path).problems:
+        for problem in sync(store, name, path).problems:
             click.echo(f"warning: {problem}", err=True)
         for sub, suppressed in _each_subscriber(store, name):
             mark = "unsubscribed" if suppressed else "active"
@@ -353,7 +353,7 @@ def subscribers_export(state: State, name: str, out: Any) -> None:
 
     path = _list_path(state, name)
     with state.store() as store:
-        problems = sync(store, path).problems
+        problems = sync(store, name, path).problems
         extra = store.subscriber_fields(name)
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["email", "name", *extra])

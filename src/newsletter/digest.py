@@ -108,8 +108,8 @@ class _Run:
         self.config, self.store, self.name = config, store, name
         self.schedule = config.schedule(name)
         self.progress = progress
-        self.subscribers: SubscriberList = sync(store, config.subscribers_path(self.schedule))
-        self.list_name = self.subscribers.name
+        self.list_name = self.schedule.subscribers
+        self.subscribers: SubscriberList = sync(store, self.list_name, config.subscribers_path(self.schedule))
         secret = os.environ.get("NEWSLETTER_SECRET") or store.secret("unsubscribe")
         self.tokens = UnsubscribeTokens(secret)
         self.feed_urls = [config.feed_url(f) for f in self.schedule.feeds]

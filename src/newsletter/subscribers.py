@@ -57,15 +57,15 @@ def fingerprint(path: Path) -> str:
     return f"{RULES}:{digest}"
 
 
-def sync(store: Store, path: Path) -> SubscriberList:
-    """Bring the store's copy of ``path`` up to date and return what is wrong with the file.
+def sync(store: Store, name: str, path: Path) -> SubscriberList:
+    """Bring the store's copy of list ``name`` up to date with ``path``; say what is wrong in it.
 
     The file is read and checked only when its content changed since the last run, and then
     an address that was valid last time is not checked again, so a run with 100,000
     subscribers costs a hash of the file, and memory does not grow with it. A file that cannot
     be read leaves the previous copy in place.
     """
-    name, source = path.stem, fingerprint(path)
+    source = fingerprint(path)
     cached = store.subscriber_source(name)
     if cached is not None and cached[0] == source:
         return SubscriberList(name, path, cached[1])

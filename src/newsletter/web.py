@@ -176,8 +176,9 @@ def create_preview_app(config_path: str | None = None) -> Flask:
         with state.store() as store:
             past = store.issues(name, limit=20)
             snippets = social.entry_snippets(config, name, store.entries([a["id"] for a in issue.articles]))
-            listed = sync(store, config.subscribers_path(config.schedule(name)))
-            subscribers = [sub for sub, _ in store.subscribers(listed.name, limit=200)]
+            schedule = config.schedule(name)
+            sync(store, schedule.subscribers, config.subscribers_path(schedule))
+            subscribers = [sub for sub, _ in store.subscribers(schedule.subscribers, limit=200)]
         return render_template(
             "schedule.html",
             name=name,
