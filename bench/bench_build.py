@@ -163,13 +163,10 @@ def child(mode: str, config_path: Path) -> dict[str, Any]:
         skeleton = run.skeleton(issue)
         t3 = perf_counter()
         size = n = 0
-        after = ""
         # A page of the list at a time, as _Run.deliver reads the ledger.
-        while page := store.subscribers(run.list_name, after):
-            for sub, _ in page:
-                size += len(skeleton.build(run.recipient(sub))[1])
-            n += len(page)
-            after = page[-1][0].key
+        for sub, _ in store.subscribers(run.list_name):
+            size += len(skeleton.build(run.recipient(sub))[1])
+            n += 1
         t4 = perf_counter()
         store.close()
         out.update(

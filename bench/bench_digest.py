@@ -366,7 +366,7 @@ def bench_build(config: Config, workdir: Path, articles: int, passes: int = BUIL
         cost, skeleton, issue = issue_once(run, entries)
         warm.append(cost)
 
-    subs = [sub for sub, _ in store.subscribers(run.list_name, limit=10**9)]
+    subs = [sub for sub, _ in store.subscribers(run.list_name)]
     figures = BuildFigures(
         subscribers=len(subs),
         load_subscribers=load_subscribers,

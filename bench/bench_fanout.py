@@ -80,7 +80,7 @@ def sample_message(config_path: Path, workdir: Path) -> tuple[bytes, list[str]]:
         issue = Issue(0, SCHEDULE, 1, date, "draft", [e.id for e in entries], rendered.subject, payload)
         skeleton = run.skeleton(issue)
         built = []
-        subs = [sub for sub, _ in store.subscribers(run.list_name, limit=10**9)]
+        subs = [sub for sub, _ in store.subscribers(run.list_name)]
         for sub in subs[:201]:
             recipient = run.recipient(sub)
             built.append((len(skeleton.build(recipient)[1]), sub, recipient))

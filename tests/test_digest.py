@@ -157,6 +157,8 @@ def test_dry_run_writes_the_outbox_and_changes_nothing(
     files = sorted((project.root / "outbox" / "dry-run").rglob("*.eml"))
     assert [f.name for f in files] == ["ann@example.com.eml", "bob@example.com.eml", "cy@example.com.eml"]
     assert box.messages == []
+    with Store(load_config(project.config).database_url) as store:
+        assert store.issues("weekly") == [] and store.subscriber_source("readers") is None
     # No state changed: the real run still finds the entry new and sends issue #1.
     real = project.run("send-digest", "weekly")
     assert "#1" in real.output and len(box.messages) == 3

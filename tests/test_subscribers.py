@@ -3,11 +3,12 @@ store's checked copy follows the file."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from newsletter import subscribers
 from newsletter.errors import ConfigError
 from newsletter.store import Store
 from newsletter.subscribers import MAX_PROBLEMS, Subscriber, SubscriberList, sync
@@ -26,7 +27,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def listed(store: Store, name: str = "readers") -> list[tuple[Subscriber, bool]]:
-    return store.subscribers(name, limit=10_000)
+    return list(store.subscribers(name))
 
 
 def emails(store: Store, name: str = "readers") -> list[str]:
@@ -115,15 +116,11 @@ def test_unsubscribed_addresses_are_counted_and_marked(tmp_path: Path, store: St
     ]
 
 
-def test_lists_are_paged_in_address_order(tmp_path: Path, store: Store) -> None:
+def test_lists_are_read_in_pages_in_file_order(tmp_path: Path, store: Store) -> None:
     path = write(tmp_path, "email\n" + "".join(f"r{i:03}@example.com\n" for i in range(250, 0, -1)))
     sync(store, "readers", path)
-    seen: list[str] = []
-    after = ""
-    while page := store.subscribers("readers", after, limit=100):
-        seen += [sub.email for sub, _ in page]
-        after = page[-1][0].key
-    assert seen == [f"r{i:03}@example.com" for i in range(1, 251)]
+    seen = [sub.email for sub, _ in store.subscribers("readers", page=100)]
+    assert seen == [f"r{i:03}@example.com" for i in range(250, 0, -1)]
 
 
 def test_a_flood_of_bad_rows_is_summed_up(tmp_path: Path, store: Store) -> None:
@@ -132,3 +129,90 @@ def test_a_flood_of_bad_rows_is_summed_up(tmp_path: Path, store: Store) -> None:
     assert len(result.problems) == MAX_PROBLEMS + 1
     assert result.problems[-1] == f"{path}: 5 more problem(s) not shown"
     assert emails(store) == ["ann@example.com"]
+
+
+def counting_checker(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every address the validator is asked about."""
+    asked: list[str] = []
+    real = subscribers._checker
+
+    def checker() -> Callable[[str], str]:
+        check = real()
+
+        def counted(raw: str) -> str:
+            asked.append(raw)
+            return check(raw)
+
+        return counted
+
+    monkeypatch.setattr(subscribers, "_checker", checker)
+    return asked
+
+
+def test_only_new_addresses_are_checked_and_an_unchanged_file_is_not_read(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = counting_checker(monkeypatch)
+    path = write(tmp_path, "email\nann@example.com\nbob@example.org\n")
+    sync(store, "readers", path)
+    assert asked == ["ann@example.com", "bob@example.org"]
+    write(tmp_path, "email\nann@example.com\nbob@example.org\ncarol@example.net\n")
+    sync(store, "readers", path)
+    assert asked[2:] == ["carol@example.net"]
+
+    def fail(*_args: object) -> list[str]:
+        raise AssertionError("an unchanged file was read again")
+
+    monkeypatch.setattr(subscribers, "_read", fail)
+    assert sync(store, "readers", path).problems == []
+
+
+def test_new_rules_check_every_address_again(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "email\nann@example.com\nbob@example.org\n")
+    sync(store, "readers", path)
+    asked = counting_checker(monkeypatch)
+    monkeypatch.setattr(subscribers, "RULES", subscribers.RULES + "-next")
+    sync(store, "readers", path)
+    assert asked == ["ann@example.com", "bob@example.org"]
+
+
+def test_reading_a_long_list_does_not_lock_the_database(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While the file is read and checked, another process must still be able to record a
+    # delivery: only the final swap of the copy takes the write lock.
+    path = write(tmp_path, "email\nann@example.com\nbob@example.org\n")
+    writes: list[str] = []
+    real = subscribers._checker
+
+    def checker() -> Callable[[str], str]:
+        check = real()
+
+        def meanwhile(raw: str) -> str:
+            with Store(f"sqlite:///{tmp_path / 'state.db'}", busy_timeout=0) as other:
+                other.set_meta("probe", raw)
+                writes.append(raw)
+            return check(raw)
+
+        return meanwhile
+
+    monkeypatch.setattr(subscribers, "_checker", checker)
+    sync(store, "readers", path)
+    assert writes == ["ann@example.com", "bob@example.org"]
+    assert emails(store) == ["ann@example.com", "bob@example.org"]
+
+
+def test_a_failed_read_inside_a_larger_transaction_leaves_no_rows_behind(
+    tmp_path: Path, store: Store
+) -> None:
+    path = write(tmp_path, "email\nann@example.com\n")
+    sync(store, "readers", path)
+    with store.transaction():
+        path.write_bytes(b"email\n" + b"".join(b"r%d@example.com\n" % n for n in range(50)) + b"\xff\n")
+        with pytest.raises(ConfigError, match="not UTF-8"):
+            sync(store, "readers", path)
+    write(tmp_path, "email\nbob@example.org\n")
+    sync(store, "readers", path)
+    assert emails(store) == ["bob@example.org"]

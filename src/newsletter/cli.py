@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from . import digest
     from .config import Config
     from .store import Store
-    from .subscribers import Subscriber
 
 
 class State:
@@ -302,13 +301,6 @@ def _list_path(state: State, name: str) -> Path:
     return path
 
 
-def _each_subscriber(store: Store, name: str) -> Iterator[tuple[Subscriber, bool]]:
-    after = ""
-    while page := store.subscribers(name, after):
-        yield from page
-        after = page[-1][0].key
-
-
 @subscribers.command("list")
 @click.argument("name")
 @click.pass_obj
@@ -320,7 +312,7 @@ def subscribers_list(state: State, name: str) -> None:
     with state.store() as store:
         for problem in sync(store, name, path).problems:
             click.echo(f"warning: {problem}", err=True)
-        for sub, suppressed in _each_subscriber(store, name):
+        for sub, suppressed in store.subscribers(name):
             mark = "unsubscribed" if suppressed else "active"
             click.echo(f"{mark:<13} {sub.email}" + (f"  ({sub.name})" if sub.name else ""))
         total, active = store.subscriber_counts(name)
@@ -357,7 +349,7 @@ def subscribers_export(state: State, name: str, out: Any) -> None:
         extra = store.subscriber_fields(name)
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["email", "name", *extra])
-        for sub, suppressed in _each_subscriber(store, name):
+        for sub, suppressed in store.subscribers(name):
             if not suppressed:
                 writer.writerow([sub.email, sub.name, *(sub.fields.get(k, "") for k in extra)])
     for problem in problems:

@@ -285,15 +285,20 @@ def send_digest(
     Another process sending the same schedule is waited for ``wait`` seconds, then BusyError.
     ``on_issue`` is told how many messages an issue is about to send (for a progress bar).
     """
-    run = _Run(config, store, name, progress)
-    run.stop = stop
-    report = DigestReport(name, warnings=list(run.subscribers.problems))
     if dry_run or to:
+        if not os.environ.get("NEWSLETTER_SECRET"):
+            # The one thing kept: the install's secret, so a test copy's unsubscribe link works.
+            store.secret("unsubscribe")
         with store.rolled_back():
+            run = _Run(config, store, name, progress)  # its copy of the list is rolled back too
+            report = DigestReport(name, warnings=list(run.subscribers.problems))
             if fetch_feeds:
                 report.feeds = fetch(config, store, [name])
             _preview(run, report, force, to)
         return report
+    run = _Run(config, store, name, progress)
+    run.stop = stop
+    report = DigestReport(name, warnings=list(run.subscribers.problems))
     if fetch_feeds:
         # Fetching needs no lock: entries are keyed, and a second process only finds them known.
         report.feeds = fetch(config, store, [name])

@@ -82,8 +82,8 @@ def next_issue(config: Config, store: Store, name: str, address: str | None = No
 def _subscriber(run: digest._Run, address: str | None) -> Subscriber:
     if address:
         return run.store.subscriber(run.list_name, address) or Subscriber(address)
-    first = run.store.subscribers(run.list_name, limit=1)
-    return first[0][0] if first else Subscriber("reader@example.com", "Sample Reader")
+    first = next(run.store.subscribers(run.list_name, page=1), None)
+    return first[0] if first else Subscriber("reader@example.com", "Sample Reader")
 
 
 def sent_issue(config: Config, store: Store, name: str, number: int) -> Preview:

@@ -161,7 +161,7 @@ def inline_css(html: str) -> str:
         # Outlook needs align= on floated images; premailer finds them by parsing the style of
         # every image, half its time on a long issue. Without "float" anywhere (feed HTML
         # keeps no style attributes) there is nothing to find.
-        align_floating_images="float" in html,
+        align_floating_images=re.search("float", html, re.IGNORECASE) is not None,
     ).transform()
 
 

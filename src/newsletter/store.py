@@ -88,9 +88,18 @@ CREATE TABLE IF NOT EXISTS subscribers (
     PRIMARY KEY (list_name, generation, key)
 );
 CREATE INDEX IF NOT EXISTS subscribers_raw ON subscribers (list_name, generation, raw);
+CREATE INDEX IF NOT EXISTS subscribers_line ON subscribers (list_name, generation, line);
 CREATE TABLE IF NOT EXISTS locks (
     name TEXT PRIMARY KEY, owner TEXT NOT NULL, acquired_at TEXT NOT NULL, expires_at TEXT NOT NULL
 );
+"""
+# A new copy of a list is gathered here, in SQLite's temporary database: writing it takes no
+# lock on the state database, however long reading and checking the file takes.
+STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS subscriber_staging (
+    key TEXT PRIMARY KEY, email TEXT NOT NULL, raw TEXT NOT NULL, name TEXT NOT NULL,
+    fields TEXT NOT NULL, line INTEGER NOT NULL
+)
 """
 # Columns added after the first release: (table, column, definition).
 MIGRATIONS = [("feeds", "ttl", "INTEGER")]
@@ -316,25 +325,62 @@ class Store:
         return (str(row["source"]), json.loads(row["problems"])) if row else None
 
     @contextmanager
-    def replacing_subscribers(self, list_name: str, source: str) -> Iterator[SubscriberWriter]:
-        """Write a new copy of a list; it replaces the old one only when the block succeeds."""
-        with self.transaction():
-            row = self._execute(
-                "SELECT generation FROM subscriber_lists WHERE name = ?", (list_name,)
-            ).fetchone()
-            old = int(row["generation"]) if row else 0
-            writer = SubscriberWriter(self, list_name, old)
-            yield writer
-            self._execute(
-                "INSERT INTO subscriber_lists (name, source, generation, problems, loaded_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET source = excluded.source,"
-                " generation = excluded.generation, problems = excluded.problems,"
-                " loaded_at = excluded.loaded_at",
-                (list_name, source, old + 1, json.dumps(writer.problems), _iso(now())),
-            )
-            self._execute(
-                "DELETE FROM subscribers WHERE list_name = ? AND generation != ?", (list_name, old + 1)
-            )
+    def replacing_subscribers(self, list_name: str, source: str, reuse: bool) -> Iterator[SubscriberWriter]:
+        """Write a new copy of a list; it replaces the old one only when the block succeeds.
+
+        The rows are staged first, holding no write lock, then moved in one short
+        transaction. ``reuse``: an address checked for the previous copy is taken as it was.
+        """
+        self._execute(STAGING)
+        self._execute("DELETE FROM temp.subscriber_staging")
+        row = self._execute("SELECT generation FROM subscriber_lists WHERE name = ?", (list_name,)).fetchone()
+        writer = SubscriberWriter(self, list_name, int(row["generation"]) if row and reuse else None)
+        try:
+            with self._reading():
+                yield writer
+            with self.transaction():
+                row = self._execute(
+                    "SELECT generation FROM subscriber_lists WHERE name = ?", (list_name,)
+                ).fetchone()
+                new = (int(row["generation"]) if row else 0) + 1
+                self._execute(
+                    "DELETE FROM subscribers WHERE list_name = ? AND generation >= ?", (list_name, new)
+                )
+                self._execute(
+                    "INSERT INTO subscribers (list_name, generation, key, email, raw, name, fields, line)"
+                    " SELECT ?, ?, key, email, raw, name, fields, line FROM temp.subscriber_staging",
+                    (list_name, new),
+                )
+                self._execute(
+                    "INSERT INTO subscriber_lists (name, source, generation, problems, loaded_at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET source = excluded.source,"
+                    " generation = excluded.generation, problems = excluded.problems,"
+                    " loaded_at = excluded.loaded_at",
+                    (list_name, source, new, json.dumps(writer.problems), _iso(now())),
+                )
+                self._execute(
+                    "DELETE FROM subscribers WHERE list_name = ? AND generation != ?", (list_name, new)
+                )
+        finally:
+            self._execute("DELETE FROM temp.subscriber_staging")
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A deferred transaction: one snapshot to read, and only temporary tables written."""
+        if self._depth:
+            yield
+            return
+        self._execute("BEGIN")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self._execute("COMMIT")
+        finally:
+            self._depth = 0
 
     def subscriber_counts(self, list_name: str) -> tuple[int, int]:
         """(addresses in the list, of them not unsubscribed)."""
@@ -351,14 +397,16 @@ class Store:
         ).fetchone()
         return _subscriber(row) if row else None
 
-    def subscribers(self, list_name: str, after: str = "", limit: int = 500) -> list[tuple[Subscriber, bool]]:
-        """A page of the list in address order after ``after``: (subscriber, unsubscribed)."""
-        rows = self._execute(
+    def subscribers(self, list_name: str, page: int = 500) -> Iterator[tuple[Subscriber, bool]]:
+        """The list in file order, (subscriber, unsubscribed), read ``page`` rows at a time."""
+        after = 0
+        while rows := self._execute(
             f"SELECT *, NOT {_NOT_SUPPRESSED} AS suppressed FROM subscribers s WHERE {_CURRENT}"
-            " AND key > ? ORDER BY key LIMIT ?",
-            (list_name, list_name, list_name, after, limit),
-        ).fetchall()
-        return [(_subscriber(r), bool(r["suppressed"])) for r in rows]
+            " AND line > ? ORDER BY line LIMIT ?",
+            (list_name, list_name, list_name, after, page),
+        ).fetchall():
+            yield from ((_subscriber(r), bool(r["suppressed"])) for r in rows)
+            after = rows[-1]["line"]
 
     def subscriber_fields(self, list_name: str) -> list[str]:
         """Every extra column any subscriber of the list has, sorted."""
@@ -670,30 +718,31 @@ class Pending:
 class SubscriberWriter:
     """Adds the rows of one new copy of a list, inside ``Store.replacing_subscribers``."""
 
-    def __init__(self, store: Store, list_name: str, old: int) -> None:
-        self.store, self.list_name, self.old = store, list_name, old
+    def __init__(self, store: Store, list_name: str, previous: int | None) -> None:
+        self.store, self.list_name, self.previous = store, list_name, previous
         self.problems: list[str] = []
 
     def known(self, raw: str) -> str | None:
         """The checked address ``raw`` became in the previous copy, so it is not checked twice."""
+        if self.previous is None:
+            return None
         row = self.store._execute(
             "SELECT email FROM subscribers WHERE list_name = ? AND generation = ? AND raw = ?",
-            (self.list_name, self.old, raw),
+            (self.list_name, self.previous, raw),
         ).fetchone()
         return str(row["email"]) if row else None
 
     def add(self, sub: Subscriber, raw: str, line: int) -> int | None:
         """Add a subscriber; if the address is already in this copy, the line it is on."""
         cur = self.store._execute(
-            "INSERT INTO subscribers (list_name, generation, key, email, raw, name, fields, line)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (self.list_name, self.old + 1, sub.key, sub.email, raw, sub.name, json.dumps(sub.fields), line),
+            "INSERT INTO temp.subscriber_staging (key, email, raw, name, fields, line)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (sub.key, sub.email, raw, sub.name, json.dumps(sub.fields), line),
         )
         if cur.rowcount:
             return None
         row = self.store._execute(
-            "SELECT line FROM subscribers WHERE list_name = ? AND generation = ? AND key = ?",
-            (self.list_name, self.old + 1, sub.key),
+            "SELECT line FROM temp.subscriber_staging WHERE key = ?", (sub.key,)
         ).fetchone()
         return int(row["line"])
 

@@ -69,7 +69,9 @@ def sync(store: Store, name: str, path: Path) -> SubscriberList:
     cached = store.subscriber_source(name)
     if cached is not None and cached[0] == source:
         return SubscriberList(name, path, cached[1])
-    with store.replacing_subscribers(name, source) as writer:
+    # Addresses checked under other rules (RULES changed) are all checked again.
+    reuse = cached is not None and cached[0].startswith(f"{RULES}:")
+    with store.replacing_subscribers(name, source, reuse) as writer:
         writer.problems = _read(path, writer)
     return SubscriberList(name, path, writer.problems)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,7 @@ def create_preview_app(config_path: str | None = None) -> Flask:
             snippets = social.entry_snippets(config, name, store.entries([a["id"] for a in issue.articles]))
             schedule = config.schedule(name)
             sync(store, schedule.subscribers, config.subscribers_path(schedule))
-            subscribers = [sub for sub, _ in store.subscribers(schedule.subscribers, limit=200)]
+            subscribers = [sub for sub, _ in islice(store.subscribers(schedule.subscribers, page=200), 200)]
         return render_template(
             "schedule.html",
             name=name,
