@@ -14,7 +14,6 @@ import hashlib
 import html
 import re
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email import policy
@@ -152,26 +151,21 @@ class Skeleton:
 
     def build(self, recipient: Recipient) -> tuple[str, bytes]:
         """Return (Message-ID, the message's bytes) for one subscriber."""
-        values = [recipient.values.get(f, "") for f in self.fields]
+        values = [one_line(recipient.values.get(f, "")) for f in self.fields]
         message_id = self.message_id(recipient.email)
-        head = b"".join(
-            (
-                to_header(recipient.name, recipient.email),
-                raw_header("Message-ID", message_id),
-                raw_header("List-Unsubscribe", f"<{recipient.values['unsubscribe_url']}>"),
-            )
-        )
-        return message_id, b"".join(
-            (
-                head,
-                self.head,
-                self.text_open,
-                _fill(self.text_plan, values, lambda v: v),
-                self.html_open,
-                _fill(self.html_plan, values, lambda v: html.escape(v, quote=True)),
-                self.close,
-            )
-        )
+        # One list, one join: each of the ~100 KB is copied once per message, not twice.
+        parts = [
+            to_header(recipient.name, recipient.email),
+            raw_header("Message-ID", message_id),
+            raw_header("List-Unsubscribe", f"<{recipient.values['unsubscribe_url']}>"),
+            self.head,
+            self.text_open,
+        ]
+        _fill(parts, self.text_plan, [_qp_value(v) for v in values])
+        parts.append(self.html_open)
+        _fill(parts, self.html_plan, [_qp_value(html.escape(v, quote=True)) for v in values])
+        parts.append(self.close)
+        return message_id, b"".join(parts)
 
 
 def _qp_value(value: str) -> bytes:
@@ -181,7 +175,5 @@ def _qp_value(value: str) -> bytes:
     return binascii.b2a_qp(value.encode("utf-8")).replace(b"=\n", SOFT_BREAK) + SOFT_BREAK
 
 
-def _fill(plan: Plan, values: list[str], escape: Callable[[str], str]) -> bytes:
-    return b"".join(
-        item if isinstance(item, bytes) else _qp_value(escape(one_line(values[item]))) for item in plan
-    )
+def _fill(parts: list[bytes], plan: Plan, encoded: list[bytes]) -> None:
+    parts.extend(item if isinstance(item, bytes) else encoded[item] for item in plan)
