@@ -176,7 +176,9 @@ class Store:
         self.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, write: bool = True) -> Iterator[None]:
+        """One transaction (nested ones join the outer). ``write=False`` begins deferred: one
+        snapshot to read and temporary tables to write, no lock held on the database."""
         if self._depth:
             self._depth += 1
             try:
@@ -184,7 +186,7 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        self._execute("BEGIN IMMEDIATE")
+        self._execute("BEGIN IMMEDIATE" if write else "BEGIN")
         self._depth = 1
         try:
             yield
@@ -336,7 +338,7 @@ class Store:
         row = self._execute("SELECT generation FROM subscriber_lists WHERE name = ?", (list_name,)).fetchone()
         writer = SubscriberWriter(self, list_name, int(row["generation"]) if row and reuse else None)
         try:
-            with self._reading():
+            with self.transaction(write=False):
                 yield writer
             with self.transaction():
                 row = self._execute(
@@ -363,24 +365,6 @@ class Store:
                 )
         finally:
             self._execute("DELETE FROM temp.subscriber_staging")
-
-    @contextmanager
-    def _reading(self) -> Iterator[None]:
-        """A deferred transaction: one snapshot to read, and only temporary tables written."""
-        if self._depth:
-            yield
-            return
-        self._execute("BEGIN")
-        self._depth = 1
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        else:
-            self._execute("COMMIT")
-        finally:
-            self._depth = 0
 
     def subscriber_counts(self, list_name: str) -> tuple[int, int]:
         """(addresses in the list, of them not unsubscribed)."""
