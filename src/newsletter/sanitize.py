@@ -69,9 +69,23 @@ def web_link(url: str) -> str:
     return url if re.match(r"https?://[^\s/]", url, re.I) and not re.search(r"[\s\x00-\x1f]", url) else ""
 
 
+# C0 controls, DEL and C1 controls: ESC starts terminal escape sequences, BEL rings, NUL
+# truncates C strings. Feed text has no business carrying any of them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: str) -> str:
+    """``value`` with every control character (CR and LF included) turned into a space.
+
+    Use it on untrusted text bound for a terminal or a log line: nothing in it can move the
+    cursor, recolour the screen or start a new line that looks like one of ours.
+    """
+    return _CONTROL.sub(" ", value)
+
+
 def one_line(value: str) -> str:
-    """For anything that may end up in a header: no CR, LF or other line breaks survive."""
-    return " ".join(value.split())
+    """For anything that may end up in a header: no line breaks and no control characters."""
+    return " ".join(printable(value).split())
 
 
 def excerpt(text: str, limit: int) -> str:
