@@ -227,3 +227,84 @@ def test_rate_limit_spaces_the_messages(smtp_server: tuple[Mailbox, int]) -> Non
     # Five messages at 20 a second need at least four intervals of 50 ms.
     assert time.monotonic() - start >= 0.2
     assert len(box.messages) == 5
+
+
+# -- no password in clear text over the network ----------------------------------------------
+
+
+def test_a_password_without_tls_to_a_remote_host_is_a_config_error(project: Project) -> None:
+    project.setup(["feed.xml"])
+    text = project.config.read_text().replace(
+        "    type: file\n    path: outbox",
+        "    type: smtp\n    host: smtp.example.org\n    port: 587\n    username: news\n"
+        "    password_env: SMTP_PASSWORD",
+    )
+    project.config.write_text(text)
+    # Refused when the file is read, before any command could open a connection.
+    result = project.run_process("check")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert str(project.config) in output and "senders.main" in output, output
+    assert "unencrypted" in output and "starttls: true" in output and "ssl: true" in output, output
+    for fixed in ("    starttls: true\n", "    ssl: true\n    port: 465\n"):
+        project.config.write_text(text.replace("    port: 587\n", fixed))
+        assert project.run_process("check").returncode == 0
+
+
+def test_the_sender_checks_again_before_it_connects() -> None:
+    # Options that skipped validation (built by a plugin or a script) are refused just the same,
+    # before a byte is sent. 0.0.0.0 is no loopback address, yet stays on this machine.
+    opts = SmtpOptions.model_construct(
+        host="0.0.0.0", port=free_port(), username="news", password_env="SMTP_PASSWORD", timeout=5
+    )
+    with pytest.raises(DeliveryError, match="unencrypted") as caught:
+        SmtpSender("mail", opts, Path(".")).open()
+    assert "starttls" in caught.value.hint
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("mail.localhost", False),
+        ("smtp.example.org", False),
+        ("10.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::ffff:10.0.0.1", False),
+    ],
+)
+def test_only_this_machine_counts_as_loopback(host: str, loopback: bool) -> None:
+    from newsletter.senders.smtp import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_a_relay_on_this_machine_takes_auth_without_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    box = Mailbox()
+    port = free_port()
+    controller = Controller(
+        box,
+        hostname="127.0.0.1",
+        port=port,
+        authenticator=authenticator,
+        auth_required=True,
+        auth_require_tls=False,
+    )
+    controller.start()
+    monkeypatch.setenv("SMTP_PASSWORD", "s3cret")
+    try:
+        for host in ("127.0.0.1", "localhost"):
+            opts = SmtpOptions.model_validate(
+                {"host": host, "port": port, "username": "news", "password_env": "SMTP_PASSWORD"}
+            )
+            with SmtpSender("mail", opts, Path(".")) as sender:
+                sender.send(message(f"{host}@example.com"))
+        assert box.by_recipient() == {"127.0.0.1@example.com": 1, "localhost@example.com": 1}
+    finally:
+        controller.stop()

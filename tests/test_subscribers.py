@@ -216,3 +216,25 @@ def test_a_failed_read_inside_a_larger_transaction_leaves_no_rows_behind(
     write(tmp_path, "email\nbob@example.org\n")
     sync(store, "readers", path)
     assert emails(store) == ["bob@example.org"]
+
+
+@pytest.mark.parametrize(
+    ("cell", "exported"),
+    [
+        ("=1+1", "'=1+1"),
+        ("+33 1 23", "'+33 1 23"),
+        ("-2", "'-2"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("\0x", "'\0x"),
+        ("Ann", "Ann"),
+        ("Ann = Anna", "Ann = Anna"),
+        ("'quoted", "'quoted"),
+        ("", ""),
+    ],
+)
+def test_cells_a_spreadsheet_would_run_get_a_leading_quote(cell: str, exported: str) -> None:
+    from newsletter.subscribers import spreadsheet_safe
+
+    assert spreadsheet_safe(cell) == exported

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -11,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .errors import NewsletterError
+from .errors import ConfigError, NewsletterError
+from .redact import remember
 
 if TYPE_CHECKING:
     from . import digest
@@ -38,10 +41,28 @@ class State:
         return Store(self.config.database_url)
 
 
+def _safe(value: object) -> str:
+    """Text that came from a feed, a server, a list or the environment, fit for a terminal:
+    no control character (ESC, BEL, CR, LF, C1 CSI...) and no secret gets through."""
+    from .redact import redact
+
+    return _plain(redact(str(value)))
+
+
+def _plain(value: object) -> str:
+    """Feed text meant to be copied as it is (share snippets): no control characters, and
+    nothing blanked, since a link with ?key= in it is the article's, not a credential."""
+    from .sanitize import printable  # imported here: --help stays instant
+
+    return printable(str(value))
+
+
 def _fail(exc: NewsletterError) -> None:
-    click.echo(f"error: {exc}", err=True)
+    # A configuration error lists one problem per line; every other error is one line.
+    lines = str(exc).split("\n") if isinstance(exc, ConfigError) else [str(exc)]
+    click.echo("error: " + "\n".join(_safe(line) for line in lines), err=True)
     if exc.hint:
-        click.echo(f"hint: {exc.hint}", err=True)
+        click.echo(f"hint: {_safe(exc.hint)}", err=True)
     sys.exit(exc.exit_code)
 
 
@@ -65,6 +86,12 @@ class Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Turn feeds into email digests."""
+    # The state database, the outbox and the archive hold addresses and the unsubscribe
+    # secret: whatever this process creates (SQLite's -wal, -shm and lock files included) is
+    # for this user only. Given back when the command ends, for callers in the same process.
+    previous = os.umask(0o077)
+    ctx.call_on_close(lambda: os.umask(previous))
+    remember(os.environ.get("NEWSLETTER_SECRET"))
     ctx.obj = State(config_path)
 
 
@@ -84,11 +111,11 @@ def _schedules(state: State, name: str | None) -> list[str]:
 def _print_feeds(reports: list[digest.FeedReport]) -> None:
     for f in reports:
         if f.status == "error":
-            click.echo(f"  feed error   {f.error}", err=True)
+            click.echo(f"  feed error   {_safe(f.error)}", err=True)
             continue
-        click.echo(f"  {f.status:<12} {f.new:>3} new  {f.url}")
+        click.echo(f"  {f.status:<12} {f.new:>3} new  {_safe(f.url)}")
         if f.warning:
-            click.echo(f"  warning: {f.url}: {f.warning}", err=True)
+            click.echo(f"  warning: {_safe(f.url)}: {_safe(f.warning)}", err=True)
 
 
 @main.command()
@@ -99,9 +126,9 @@ def check(state: State) -> None:
     with state.store() as store:
         result = _digest().check(config, store)
     for line in result.lines:
-        click.echo(line)
+        click.echo(_safe(line))
     for warning in result.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {_safe(warning)}", err=True)
     click.echo(f"{config.path}: {len(config.schedules)} schedule(s) OK")
 
 
@@ -182,24 +209,24 @@ def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, forc
         )
     _print_feeds(report.feeds)
     for warning in report.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {_safe(warning)}", err=True)
     if not report.issues and not report.aborted:
         click.echo(f"{schedule}: nothing new" + ("" if force else " (use --force to send the latest anyway)"))
     for item in report.issues:
         verb = "rendered" if dry_run else "sent"
         click.echo(
-            f'{schedule} #{item.number} "{item.subject}": {item.articles} article(s),'
+            f'{schedule} #{item.number} "{_safe(item.subject)}": {item.articles} article(s),'
             f" {item.html_bytes / 1024:.0f} KB HTML; {verb} {item.sent}, pending {item.pending},"
             f" failed {item.failed}"
             + (f", skipped {item.skipped}" if item.skipped else "")
             + ("" if item.complete or to or dry_run else " (unfinished: run again to retry)")
         )
         for recipient, reply in item.errors:
-            click.echo(f"  {recipient}: {reply}", err=True)
+            click.echo(f"  {_safe(recipient)}: {_safe(reply)}", err=True)
     if report.outbox:
         click.echo(f"dry run: messages written to {report.outbox}; no state changed")
     if report.aborted:
-        click.echo(f"error: {report.aborted}", err=True)
+        click.echo(f"error: {_safe(report.aborted)}", err=True)
     sys.exit(0 if report.ok else 1)
 
 
@@ -221,14 +248,14 @@ def status(state: State, schedule: str | None) -> None:
                 click.echo(
                     f"  #{issue.number} {issue.created_at:%Y-%m-%d %H:%M} UTC {issue.status:<8}"
                     f" sent {counts['sent']}, pending {counts['pending']}, failed {counts['failed']}"
-                    f"  {issue.subject}"
+                    f"  {_safe(issue.subject)}"
                 )
             for f in s.feeds:
                 health = f["last_status"] or "never fetched"
                 if f["last_status"] == "error":
-                    health = f"error ({f['consecutive_errors']} in a row): {f['last_error']}"
+                    health = f"error ({f['consecutive_errors']} in a row): {_safe(f['last_error'])}"
                 click.echo(
-                    f"  feed {f['url']}: {health}; last checked {f['last_checked'] or '-'},"
+                    f"  feed {_safe(f['url'])}: {health}; last checked {f['last_checked'] or '-'},"
                     f" {f['error_count']} error(s) in all"
                 )
 
@@ -263,7 +290,7 @@ def preview(state: State, host: str, port: int, open_browser: bool) -> None:
 
     from .web import create_preview_app
 
-    app = create_preview_app(state.config_path)
+    app = create_preview_app(state.config_path, host=host)
     url = f"http://{host}:{port}/"
     click.echo(f"preview at {url} (Ctrl-C to stop)")
     if open_browser:
@@ -282,11 +309,11 @@ def serve(state: State, host: str, port: int, threads: int) -> None:
     """The public part, unsubscribe pages and the archive, on waitress (a production WSGI server)."""
     import waitress
 
-    from .web import create_public_app
+    from .web import WAITRESS_LIMITS, create_public_app
 
     app = create_public_app(state.config_path)
     click.echo(f"serving unsubscribe and archive pages at http://{host}:{port}/")
-    waitress.serve(app, host=host, port=port, threads=threads)
+    waitress.serve(app, host=host, port=port, threads=threads, **WAITRESS_LIMITS)
 
 
 @main.group()
@@ -311,10 +338,10 @@ def subscribers_list(state: State, name: str) -> None:
     path = _list_path(state, name)
     with state.store() as store:
         for problem in sync(store, name, path).problems:
-            click.echo(f"warning: {problem}", err=True)
+            click.echo(f"warning: {_safe(problem)}", err=True)
         for sub, suppressed in store.subscribers(name):
             mark = "unsubscribed" if suppressed else "active"
-            click.echo(f"{mark:<13} {sub.email}" + (f"  ({sub.name})" if sub.name else ""))
+            click.echo(f"{mark:<13} {_safe(sub.email)}" + (f"  ({_safe(sub.name)})" if sub.name else ""))
         total, active = store.subscriber_counts(name)
     click.echo(f"{active} active, {total - active} unsubscribed", err=True)
 
@@ -328,7 +355,7 @@ def subscribers_suppressed(state: State, name: str) -> None:
     with state.store() as store:
         suppressed = store.suppressed(name)
     for address, (when, source) in suppressed.items():
-        click.echo(f"{when:%Y-%m-%d %H:%M} UTC  {source:<9} {address}")
+        click.echo(f"{when:%Y-%m-%d %H:%M} UTC  {_safe(source):<9} {_safe(address)}")
 
 
 @subscribers.command("export")
@@ -338,22 +365,15 @@ def subscribers_suppressed(state: State, name: str) -> None:
 )
 @click.pass_obj
 def subscribers_export(state: State, name: str, out: Any) -> None:
-    """Write NAME as CSV without the addresses that unsubscribed."""
-    import csv
-
-    from .subscribers import sync
+    """Write NAME as CSV without the addresses that unsubscribed (cells safe for spreadsheets)."""
+    from .subscribers import export, sync
 
     path = _list_path(state, name)
     with state.store() as store:
         problems = sync(store, name, path).problems
-        extra = store.subscriber_fields(name)
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["email", "name", *extra])
-        for sub, suppressed in store.subscribers(name):
-            if not suppressed:
-                writer.writerow([sub.email, sub.name, *(sub.fields.get(k, "") for k in extra)])
+        export(store, name, out)
     for problem in problems:
-        click.echo(f"warning: {problem}", err=True)
+        click.echo(f"warning: {_safe(problem)}", err=True)
 
 
 @main.command()
@@ -392,18 +412,25 @@ def share(state: State, schedule: str, as_json: bool, limit: int) -> None:
                     n: {"text": t, "count": c, "limit": lim} for n, (t, c, lim) in i.snippets.items()
                 },
                 "share_links": dict(i.share_links),
+                "unfit": i.unfit,
             }
             for i in items
         ]
-        click.echo(json.dumps(doc, ensure_ascii=False, indent=2))
+        # JSON escapes C0 controls itself; DEL and C1 (0x9b is CSI) it leaves raw, and a
+        # terminal would run them. Escaped (\u009b) the document means the same.
+        text = json.dumps(doc, ensure_ascii=False, indent=2)
+        click.echo(re.sub(r"[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text))
         return
     if not items:
         click.echo(f"{schedule}: no articles stored yet (run newsletter fetch)")
     for i in items:
-        click.echo(f"# {i.title}\n  {i.link}")
+        click.echo(f"# {_plain(i.title)}\n  {_plain(i.link)}")
         for network, (text, used, cap) in i.snippets.items():
             click.echo(f"\n  [{network} {used}/{cap}]")
-            click.echo("    " + text.replace("\n", "\n    "))
+            # A snippet's own line breaks are kept (posts have them); a feed's CR or ESC is not.
+            click.echo("\n".join("    " + _plain(line) for line in text.split("\n")))
+        for network, reason in i.unfit.items():
+            click.echo(f"\n  [{network}] none: {_safe(reason)}")
         click.echo("")
 
 
@@ -426,12 +453,12 @@ def post(state: State, schedule: str, no_fetch: bool, wait: float) -> None:
     bad = False
     for r in reports:
         click.echo(
-            f"{r.target}: posted {r.posted_now} now; in all sent {r.posted}, pending {r.pending},"
+            f"{_safe(r.target)}: posted {r.posted_now} now; in all sent {r.posted}, pending {r.pending},"
             f" failed {r.failed}"
         )
         for title, reason in r.errors:
-            click.echo(f"  {title}: {reason}", err=True)
+            click.echo(f"  {_safe(title)}: {_safe(reason)}", err=True)
         if r.disabled:
-            click.echo(f"error: {r.target}: {r.disabled}", err=True)
+            click.echo(f"error: {_safe(r.target)}: {_safe(r.disabled)}", err=True)
         bad = bad or bool(r.errors or r.disabled)
     sys.exit(1 if bad else 0)

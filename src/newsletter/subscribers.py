@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from .errors import ConfigError
 
@@ -133,6 +133,31 @@ def _read(path: Path, writer: SubscriberWriter) -> list[str]:
     if more:
         problems.append(f"{path}: {more} more problem(s) not shown")
     return problems
+
+
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets
+# (OWASP "CSV Injection"; ASVS 1.2.10 adds NUL): =HYPERLINK() in a name would run on export.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\0")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """``cell`` as a spreadsheet shows it as text: a formula-like start gets a leading ' (OWASP)."""
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
+def export(store: Store, name: str, out: TextIO) -> None:
+    """List ``name`` as CSV, without the addresses that unsubscribed, every cell spreadsheet-safe.
+
+    The rule applies to every cell, the address and the header included: ``-x@example.org``
+    is a valid address and column names come from the file.
+    """
+    extra = store.subscriber_fields(name)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([spreadsheet_safe(c) for c in ("email", "name", *extra)])
+    for sub, suppressed in store.subscribers(name):
+        if not suppressed:
+            row = (sub.email, sub.name, *(sub.fields.get(k, "") for k in extra))
+            writer.writerow([spreadsheet_safe(c) for c in row])
 
 
 def _checker() -> Callable[[str], str]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from pydantic import Field
 
+from ..files import private_dir, write_private
 from . import Outgoing, Sender, SenderOptions
 
 
@@ -24,12 +24,8 @@ class FileSender(Sender):
         return (self.base_dir / self.options.path).resolve()
 
     def send(self, message: Outgoing) -> None:
-        folder = self.folder / message.label
-        folder.mkdir(parents=True, exist_ok=True)
+        # Messages carry addresses and working unsubscribe links: folders 0700, files 0600.
+        folder = private_dir(self.folder / message.label)
         safe = re.sub(r"[^A-Za-z0-9@._+-]", "_", message.recipient)
-        target = folder / f"{safe}.eml"
-        # Write then rename, so a killed process never leaves half a message behind and a
-        # retry replaces the file instead of adding a second one.
-        tmp = target.with_suffix(".eml.tmp")
-        tmp.write_bytes(message.data)
-        os.replace(tmp, target)
+        # All or nothing, so a retry replaces the file instead of adding a second one.
+        write_private(folder / f"{safe}.eml", message.data)

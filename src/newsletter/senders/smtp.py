@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import smtplib
 import ssl
@@ -10,7 +11,29 @@ import time
 from pydantic import Field, model_validator
 
 from ..errors import DeliveryError, PermanentFailure, TemporaryFailure
+from ..redact import remember
 from . import Outgoing, Sender, SenderOptions
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves the machine."""
+    host = host.strip().strip("[]").rstrip(".").lower()
+    # Only the bare name: "mail.localhost" may be mapped anywhere in /etc/hosts.
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _plain_text_login(host: str = "") -> str:
+    to = f" to {host}" if host else ""
+    return (
+        f"a password would cross the network unencrypted{to}: use starttls: true (port 587)"
+        " or ssl: true (port 465); only a relay on this machine (localhost, 127.0.0.1, ::1)"
+        " may take AUTH without TLS"
+    )
 
 
 class SmtpOptions(SenderOptions):
@@ -31,6 +54,9 @@ class SmtpOptions(SenderOptions):
             raise ValueError("choose starttls (port 587) or ssl (port 465), not both")
         if self.password_env and not self.username:
             raise ValueError("password_env is set but username is not")
+        # As Postfix's smtp_sasl_security_options = noplaintext: no password in clear text.
+        if self.username and not (self.starttls or self.ssl) and not is_loopback(self.host):
+            raise ValueError(_plain_text_login())
         return self
 
 
@@ -63,6 +89,13 @@ class SmtpSender(Sender):
         ca_file = str(self.base_dir / opts.ca_file) if opts.ca_file else None
         context = ssl.create_default_context(cafile=ca_file)
         where = f"{opts.host}:{self.port}"
+        if opts.username and not (opts.ssl or opts.starttls) and not is_loopback(opts.host):
+            # Options built without validation (model_construct, a plugin) meet the same rule,
+            # before anything is sent.
+            raise DeliveryError(
+                f"sender {self.name!r}: {_plain_text_login(where)}",
+                hint="set starttls: true or ssl: true in the sender's options",
+            )
         try:
             if opts.ssl:
                 conn: smtplib.SMTP = smtplib.SMTP_SSL(
@@ -80,6 +113,7 @@ class SmtpSender(Sender):
                     conn.starttls(context=context)
             if opts.username:
                 password = os.environ.get(opts.password_env or "", "")
+                remember(password)
                 if opts.password_env and not password:
                     raise DeliveryError(
                         f"sender {self.name!r}: environment variable {opts.password_env} is empty",
