@@ -242,3 +242,16 @@ def test_an_entry_link_that_is_not_http_is_shown_without_a_link(link: str) -> No
     _, html, text = render([entry(1, link=link, image_url="javascript:alert(2)")])
     assert "javascript:" not in html.lower() and "data:text" not in html and "file:" not in html
     assert "Article number 1" in html and "Read:" not in text
+
+
+def test_preheader_is_hidden_without_tiny_fonts() -> None:
+    _, html, text = render([entry(1), entry(2)])
+    found = re.search(r'<div class="preheader" style="([^"]*)"[^>]*>(.*?)</div>', html, re.S)
+    assert found and "Article number 2" in found.group(2)
+    style = {k.strip(): v.strip() for k, v in (d.split(":", 1) for d in found.group(1).split(";") if d)}
+    # SpamAssassin HTML_FONT_TINY_NORDNS scores text in a 1 px font; hide it the other ways.
+    assert "font-size" not in style and "line-height" not in style
+    assert not re.search(r"font-size:\s*[0-2](\.\d+)?(px|pt)?\s*[;\"'!]", html)
+    assert style["display"] == "none" and style["max-height"] == "0" and style["opacity"] == "0"
+    assert style["overflow"] == "hidden" and style["mso-hide"] == "all"
+    assert "͏" not in text  # the preheader's padding is no part of the text part

@@ -14,12 +14,16 @@ import hashlib
 import html
 import re
 import secrets
+import time
+from bisect import bisect_right
 from dataclasses import dataclass
-from datetime import datetime
-from email import policy
+from datetime import UTC, datetime
 from email.quoprimime import body_encode
 from email.utils import format_datetime, formataddr, parseaddr
+from itertools import accumulate
 from typing import TYPE_CHECKING
+
+import regex
 
 from .sanitize import one_line
 
@@ -29,9 +33,9 @@ if TYPE_CHECKING:
 CRLF = b"\r\n"
 SOFT_BREAK = b"=\r\n"
 MAX_LINE = 998  # RFC 5322, without the CRLF
-# policy.SMTP folds at 78 and turns long unstructured values into encoded-words; headers we
-# need verbatim (List-Unsubscribe) are written raw instead. CPython issue #85725.
-_HEADERS = policy.SMTP
+# Every header is written here, not by the email package: policy.SMTP turns a long
+# List-Unsubscribe URL into encoded-words (CPython issue #85725) and loses the spaces between
+# encoded-words of a long Subject.
 
 
 def qp(text: str) -> bytes:
@@ -48,8 +52,8 @@ def _qp_run(text: str) -> bytes:
 
 
 def header(name: str, value: str) -> bytes:
-    """A header folded at 78 with RFC 2047 encoded-words for non-ASCII text."""
-    return _HEADERS.header_factory(name, one_line(value)).fold(policy=_HEADERS).encode("ascii")
+    """An unstructured header (Subject): folded at 78, RFC 2047 words where it must be."""
+    return _fold(f"{name}:", _atoms(one_line(value), phrase=False))
 
 
 def raw_header(name: str, value: str) -> bytes:
@@ -59,28 +63,144 @@ def raw_header(name: str, value: str) -> bytes:
     return line.encode("ascii") + CRLF
 
 
+def address_header(name: str, display: str, address: str) -> bytes:
+    """``Name: display <address>``, the display name encoded and folded like a Subject.
+
+    It runs per message for To, so the common ASCII name skips the folder.
+    """
+    display, address = one_line(display)[:200].rstrip(), one_line(address)
+    if display and (not display.isascii() or "=?" in display):
+        # A plain "=?...?=" would be decoded as an encoded-word: encode it so it shows as typed.
+        return _fold(f"{name}:", [*_atoms(display, phrase=True), f"<{address}>"])
+    return raw_header(name, formataddr((display, address)) if display else address)
+
+
 def to_header(name: str, address: str) -> bytes:
     """The To header without the cost of the header registry's parser (it runs per message)."""
-    name = one_line(name)[:200].rstrip()
-    if name.isascii():
-        return raw_header("To", formataddr((name, address)))
-    return f"To: {encoded_words(name)} <{address}>\r\n".encode("ascii")
+    return address_header("To", name, address)
 
 
-def encoded_words(text: str) -> str:
-    """RFC 2047 base64 words of at most 72 characters, whole characters each, folded.
+# -- RFC 2047 -------------------------------------------------------------------------------
+#
+# Decoders drop the whitespace between two adjacent encoded-words (RFC 2047 6.2) and keep the
+# whitespace between an encoded-word and plain text. So a space between two words that both
+# need encoding is put inside an encoded-word, and every fold between encoded-words is pure
+# folding whitespace. CPython's own folder gets this wrong (and splits grapheme clusters),
+# which is why the Subject is not folded by the email package.
 
-    email.header.Header does the same at about 190 us a name; this runs per message.
-    """
-    chunks, chunk = [], b""
-    for char in text:
-        octets = char.encode("utf-8")
-        if len(chunk) + len(octets) > 45:  # 45 octets -> 60 base64 characters + 12 around them
-            chunks.append(chunk)
-            chunk = b""
-        chunk += octets
-    chunks.append(chunk)
-    return "\r\n ".join(f"=?utf-8?b?{base64.b64encode(c).decode('ascii')}?=" for c in chunks)
+FOLD = 78
+_WORD_MAX = 75  # RFC 2047 2: an encoded-word is at most 75 characters
+_WRAP = len("=?utf-8?b??=")
+_GRAPHEME = regex.compile(r"\X")
+_JOINS = regex.compile(r"[^\p{Grapheme_Cluster_Break=Other}]")  # may be part of a longer cluster
+# RFC 2047 5(3): the only characters a Q-encoded word in a phrase may carry as they are.
+_Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+_Q_ONE = bytes(_Q_SAFE) + b" "  # these take one character (a space is "_"), the rest three
+# RFC 5322 specials: in a display name they need quoting, so such a word is encoded instead.
+_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
+
+
+@dataclass(frozen=True)
+class _Encode:
+    """A run of text that goes out as one or more encoded-words (spaces inside them)."""
+
+    text: str
+
+
+def _atoms(text: str, *, phrase: bool) -> list[str | _Encode]:
+    """Words as they can go on the wire, with runs of words that need encoding merged."""
+    atoms: list[str | _Encode] = []
+    for word in text.split(" ") if text else []:
+        # A word too long for a line of its own is encoded too, so it can be split.
+        plain = word.isascii() and "=?" not in word and len(word) < FOLD - 2
+        if plain and not (phrase and _SPECIALS.search(word)):
+            atoms.append(word)
+            continue
+        if atoms and isinstance(atoms[-1], _Encode):
+            atoms[-1] = _Encode(f"{atoms[-1].text} {word}")
+        else:
+            atoms.append(_Encode(word))
+    return atoms
+
+
+def _q_cost(octets: bytes) -> int:
+    return len(octets) + 2 * len(octets.translate(None, _Q_ONE))
+
+
+def _b_cost(octets: bytes) -> int:
+    return -(-len(octets) // 3) * 4
+
+
+def _encoded_word(octets: bytes, q: bool) -> str:
+    if not q:
+        return f"=?utf-8?b?{base64.b64encode(octets).decode('ascii')}?="
+    body = "".join("_" if b == 0x20 else chr(b) if b in _Q_SAFE else f"={b:02X}" for b in octets)
+    return f"=?utf-8?q?{body}?="
+
+
+def _fold(start: str, atoms: list[str | _Encode]) -> bytes:
+    """One header, lines of at most 78 characters where the words allow it, never over 998."""
+    lines = [start]
+    fresh = True  # nothing but the field name on the current line yet
+
+    def put(word: str) -> None:
+        nonlocal fresh
+        if not fresh and len(lines[-1]) + 1 + len(word) > FOLD:
+            lines.append("")
+        lines[-1] += " " + word
+        fresh = False
+
+    for atom in atoms:
+        if isinstance(atom, str):
+            put(atom)
+            continue
+        raw = atom.text.encode("utf-8")
+        # Q keeps mostly-Latin text readable; B is shorter for everything else.
+        q = _q_cost(raw) <= _b_cost(raw)
+        cost = _q_cost if q else _b_cost
+        size = _WRAP + cost(raw)
+        if len(lines[-1]) + 1 + size <= FOLD or (not fresh and size <= _WORD_MAX):
+            put(_encoded_word(raw, q))
+            continue
+        # Split only between grapheme clusters: a decoder that shows each encoded-word on its
+        # own (or a client that cuts the Subject) must never show half an emoji or accent.
+        joins = _JOINS.search(atom.text) is not None
+        if not q and not joins:
+            # Every character is a cluster: cut the octets at a character boundary directly, as
+            # this runs per message for a long name.
+            pos = 0
+            while pos < len(raw):
+                cut = min(pos + (min(FOLD - len(lines[-1]) - 1, _WORD_MAX) - _WRAP) // 4 * 3, len(raw))
+                while cut < len(raw) and raw[cut] & 0xC0 == 0x80:  # a UTF-8 continuation octet
+                    cut -= 1
+                if cut > pos:
+                    put(_encoded_word(raw[pos:cut], q))
+                    pos = cut
+                else:
+                    lines.append("")
+                    fresh = True
+            continue
+        clusters = _GRAPHEME.findall(atom.text) if joins else atom.text
+        units = [g.encode("utf-8") for g in clusters]
+        measure = _q_cost if q else len  # B: 4 characters per 3 octets
+        ends = list(accumulate(map(measure, units)))
+        i = 0
+        while i < len(units):
+            room = min(FOLD - len(lines[-1]) - 1, _WORD_MAX) - _WRAP
+            limit = room if q else room // 4 * 3
+            j = bisect_right(ends, (ends[i - 1] if i else 0) + limit, lo=i)
+            if j > i:
+                put(_encoded_word(b"".join(units[i:j]), q))
+                i = j
+            elif not fresh:
+                lines.append("")  # a line of its own has room for the next cluster
+                fresh = True
+            else:
+                # A cluster longer than an encoded-word (a pile of combining marks): split it
+                # between code points, never inside a UTF-8 sequence.
+                units[i : i + 1] = [c.encode("utf-8") for c in units[i].decode("utf-8")]
+                ends = list(accumulate(map(measure, units)))
+    return "\r\n".join(lines).encode("ascii") + CRLF
 
 
 Plan = list[bytes | int]  # encoded static runs and indexes of per-subscriber fields
@@ -104,6 +224,24 @@ class Recipient:
     values: dict[str, str]  # every field the templates may ask for, unsubscribe_url included
 
 
+_stamp: tuple[int, bytes] = (0, b"")
+
+
+def date_header() -> bytes:
+    """``Date:`` the moment a message is built for sending, not when its issue was.
+
+    A retry hours after the issue was built would otherwise look backdated to spam filters
+    (SpamAssassin DATE_IN_PAST_03_06). Formatted at most once a second: build() runs per
+    subscriber and format_datetime costs as much as the rest of a build.
+    """
+    global _stamp
+    second = int(time.time())
+    if _stamp[0] != second:
+        value = format_datetime(datetime.fromtimestamp(second, UTC))
+        _stamp = (second, f"Date: {value}\r\n".encode("ascii"))
+    return _stamp[1]
+
+
 class Skeleton:
     """Everything about an issue's messages that is the same for every subscriber."""
 
@@ -113,22 +251,22 @@ class Skeleton:
         *,
         from_addr: str,
         reply_to: str | None,
-        date: datetime,
         list_id: str,
         list_name: str,
         id_seed: str,
     ) -> None:
         self.fields = rendered.fields
+        # Line breaks first: parseaddr gives up on a quoted name with a CR or LF in it.
+        from_addr, reply_to = one_line(from_addr), one_line(reply_to or "")
         self.envelope_from = parseaddr(from_addr)[1]
         self.domain = self.envelope_from.rpartition("@")[2] or "localhost"
         self.id_seed = id_seed
         boundary = "=_nl" + secrets.token_hex(12)  # "=_" cannot occur in quoted-printable
         head = [
-            header("From", from_addr),
-            header("Reply-To", reply_to) if reply_to else b"",
+            address_header("From", *parseaddr(from_addr)),
+            address_header("Reply-To", *parseaddr(reply_to)) if reply_to else b"",
             header("Subject", rendered.subject),
-            header("Date", format_datetime(date)),
-            header("List-Id", f"{list_name} <{list_id}>"),
+            address_header("List-Id", list_name, list_id),
             raw_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
             b"MIME-Version: 1.0\r\n",
             f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n'.encode(),
@@ -157,6 +295,7 @@ class Skeleton:
         parts = [
             to_header(recipient.name, recipient.email),
             raw_header("Message-ID", message_id),
+            date_header(),
             raw_header("List-Unsubscribe", f"<{recipient.values['unsubscribe_url']}>"),
             self.head,
             self.text_open,

@@ -12,7 +12,9 @@ _DROP = {"area", "map", "nav", "details", "summary", "header", "footer", "articl
 TAGS = set(nh3.ALLOWED_TAGS) - _DROP
 ATTRIBUTES = {
     "a": {"href", "title"},
-    "img": {"src", "alt", "width", "height", "title"},
+    # style and hidden only get past nh3 so that _fix_image can see an image is hidden; it
+    # removes both from every image it keeps.
+    "img": {"src", "alt", "width", "height", "title", "style", "hidden"},
     "td": {"colspan", "rowspan"},
     "th": {"colspan", "rowspan"},
     "ol": {"start"},
@@ -20,26 +22,58 @@ ATTRIBUTES = {
 }
 URL_SCHEMES = {"http", "https", "mailto"}
 MAX_IMAGE_WIDTH = 560  # the 600 px column less its padding
+TRACKER_PX = 2  # an image this small in either direction shows nothing: it counts an open
 
 _IMG = re.compile(r"<img\b[^>]*>", re.I)
-_ATTR = re.compile(r'\s(width|height|src)="([^"]*)"', re.I)
+_ATTR = re.compile(r'\s+([^\s"=/>]+)(?:="([^"]*)")?')
+_LENGTH = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(px)?", re.I)
+# A mail client has no page to resolve //host/path against; some make it file://host/path.
+_SCHEMELESS = re.compile(r'(\s(?:href|src|cite)=")//(?=[^/"])', re.I)
 _BLOCK = re.compile(r"<(/?)(p|div|br|li|h[1-6]|tr|td|th|blockquote|pre|ul|ol|table)\b", re.I)
 
 
+def _tiny(length: str) -> bool:
+    """``1``, ``2px``, ``0.5px``: at most TRACKER_PX pixels (percentages and ems are not)."""
+    m = _LENGTH.fullmatch(length.strip())
+    return m is not None and float(m.group(1)) <= TRACKER_PX
+
+
+def _hidden_by(style: str) -> bool:
+    declarations: dict[str, str] = {}
+    for declaration in html.unescape(style).split(";"):
+        key, _, value = declaration.partition(":")
+        declarations[key.strip().lower()] = value.lower().replace("!important", "").strip()
+    opacity = declarations.get("opacity", "1").rstrip("%")
+    try:
+        faint = float(opacity) < 0.1
+    except ValueError:
+        faint = False
+    return (
+        faint
+        or declarations.get("display") == "none"
+        or declarations.get("visibility") in ("hidden", "collapse")
+        or any(_tiny(declarations.get(k, "")) for k in ("width", "height", "max-width", "max-height"))
+    )
+
+
 def _fix_image(match: re.Match[str]) -> str:
-    tag = match.group(0)
-    attrs = {k.lower(): v for k, v in _ATTR.findall(tag)}
+    # Attribute by attribute from the left, so text inside one value (alt=" width=") is never
+    # read as another attribute.
+    found = [(k.lower(), v) for k, v in _ATTR.findall(match.group(0)[4:])]
+    attrs = dict(found)
     if not attrs.get("src"):
         return ""
-    sizes = [attrs.get("width", ""), attrs.get("height", "")]
-    # 1x1 (or 0x0) images carry no content; they are tracking pixels.
-    if any(s.strip().rstrip("px") in ("0", "1") for s in sizes):
+    # A pixel-sized or invisible image carries no content: it is a tracking pixel.
+    if _tiny(attrs.get("width", "")) or _tiny(attrs.get("height", "")):
         return ""
-    width = attrs.get("width", "").strip().rstrip("px")
+    if "hidden" in attrs or _hidden_by(attrs.get("style", "")):
+        return ""
+    drop = {"style", "hidden"}
+    width = attrs.get("width", "").strip().removesuffix("px")
     if width.isdigit() and int(width) > MAX_IMAGE_WIDTH:
         # Outlook honours width attributes over CSS: a wide one would burst the column.
-        tag = re.sub(r'\s(width|height)="[^"]*"', "", tag)
-    return tag
+        drop |= {"width", "height"}
+    return "<img" + "".join(f' {k}="{v}"' for k, v in found if k not in drop) + ">"
 
 
 def clean_html(fragment: str) -> str:
@@ -52,6 +86,7 @@ def clean_html(fragment: str) -> str:
         link_rel="noopener noreferrer",
         strip_comments=True,
     )
+    cleaned = _SCHEMELESS.sub(r"\1https://", cleaned)
     # nh3 serialises attributes with double quotes, so this pattern sees every img it left.
     return _IMG.sub(_fix_image, cleaned).strip()
 
