@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1122,3 +1124,234 @@ def test_cli_fetch_stores_good_feeds_and_names_the_broken_ones(
 
     again = project.run("fetch")
     assert "3 feed(s), 0 new entries, 2 error(s)" in again.output
+
+
+# -- one feed's trouble stays that feed's ----------------------------------------------------------
+
+
+def _rss_ttl(ttl: str) -> bytes:
+    return rss([item(1)]).replace(b"<description>d</description>", f"<ttl>{ttl}</ttl>".encode(), 1)
+
+
+DEEP = 200_000
+HOSTILE = [
+    # (served body, content type, the error expected for that feed or None, its ttl once stored)
+    pytest.param(
+        b'{"version": "https://jsonfeed.org/version/1.1", "items": [' + b"[" * DEEP + b"]" * DEEP + b"]}",
+        JSON_TYPE,
+        "RecursionError",
+        None,
+        id="json-nested-200000-deep",
+    ),
+    pytest.param(_rss_ttl("²"), RSS_TYPE, None, None, id="ttl-superscript-two"),
+    pytest.param(_rss_ttl("9" * 20), RSS_TYPE, None, 7 * 24 * 60, id="ttl-20-digits"),
+    pytest.param(_rss_ttl("0"), RSS_TYPE, None, 1, id="ttl-zero"),
+    pytest.param(
+        # json.loads lets a lone surrogate through; SQLite cannot store it.
+        json.dumps(
+            {
+                "version": "https://jsonfeed.org/version/1.1",
+                "items": [{"id": "1", "url": "https://j.test/1", "title": "\ud800", "content_text": "x"}],
+            }
+        ).encode(),
+        JSON_TYPE,
+        "cannot store what the feed sent: UnicodeEncodeError",
+        None,
+        id="lone-surrogate-cannot-be-stored",
+    ),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("body", "content_type", "error", "ttl"), HOSTILE)
+def test_cli_fetch_with_one_hostile_feed_stores_the_others_and_names_it(
+    project: Project,
+    feed_server: FeedServer,
+    body: bytes,
+    content_type: str,
+    error: str | None,
+    ttl: int | None,
+) -> None:
+    feed_server.routes["/one.xml"] = Route(rss([item(1), item(2)]))
+    feed_server.routes["/bad"] = Route(body, content_type=content_type)
+    feed_server.routes["/two.json"] = Route(JSON_11, content_type=JSON_TYPE)
+    one, bad, two = feed_server.url("/one.xml"), feed_server.url("/bad"), feed_server.url("/two.json")
+    # The hostile feed in the middle: neither the feeds before it nor after it may suffer.
+    project.setup([one, bad, two])
+
+    done = project.run_process("fetch")
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out
+    assert done.returncode == 0, out  # feed errors are reported, not a failed command
+    store = Store(f"sqlite:///{project.root / 'state.db'}")
+    try:
+        assert titles(store, one) == ["Post 2", "Post 1"]
+        assert titles(store, two) != []
+        rows = {r["url"]: r for r in store.feeds()}
+        if error is None:
+            assert "0 error(s)" in done.stdout, out
+            assert titles(store, bad) == ["Post 1"]
+            assert rows[bad]["ttl"] == ttl
+        else:
+            assert "1 error(s)" in done.stdout, out
+            assert f"{bad}: " in done.stderr and error in done.stderr
+            assert rows[bad]["last_status"] == "error" and error in rows[bad]["last_error"]
+            assert titles(store, bad) == []
+    finally:
+        store.close()
+
+
+def test_a_huge_ttl_stored_by_an_older_version_does_not_break_polling(
+    project: Project, feed_server: FeedServer
+) -> None:
+    feed_server.routes["/feed.xml"] = Route(rss([item(1)]))
+    url = feed_server.url("/feed.xml")
+    project.setup([url])
+    assert project.run("fetch").exit_code == 0
+    db = sqlite3.connect(project.root / "state.db")
+    db.execute("UPDATE feeds SET ttl = ?", (10**15,))  # fits SQLite, not a timedelta
+    db.commit()
+    db.close()
+    store = Store(f"sqlite:///{project.root / 'state.db'}")
+    try:
+        [row] = store.feeds([url])
+        assert row["ttl"] == 7 * 24 * 60
+    finally:
+        store.close()
+    # The daemon's poll reads the stored ttl of every feed of every schedule.
+    from newsletter.daemon import Daemon
+
+    feed_server.routes["/feed.xml"] = Route(rss([item(1), item(2)]))
+    daemon = Daemon(str(project.config))
+    daemon.poll_feeds()  # raised OverflowError on every poll, for every schedule
+    status = project.run("status", "weekly")
+    assert status.exit_code == 0, status.output
+
+
+CONTROLS = "\x1b[31mA\x07B\x00C\r\nD\x9bE\x7f"
+
+
+def test_control_characters_never_reach_the_store(feed_server: FeedServer, store: Store) -> None:
+    doc = {
+        "version": "https://jsonfeed.org/version/1.1",
+        "title": f"Feed {CONTROLS}",
+        "home_page_url": "https://ctl.test/",
+        "authors": [{"name": f"Ann {CONTROLS}"}],
+        "items": [
+            {
+                "id": "1",
+                "url": "https://ctl.test/1",
+                "title": f"Entry {CONTROLS}",
+                "tags": [f"Tag {CONTROLS}", "\x1b\x07"],
+                "content_text": "x",
+            },
+            {"id": "2", "url": "https://ctl.test/2\x1b[2J", "title": "Bad link", "content_text": "y"},
+        ],
+    }
+    url = feed_server.url("/feed.json")
+    feed_server.routes["/feed.json"] = Route(json.dumps(doc).encode(), content_type=JSON_TYPE)
+    result, new = poll(store, url)
+    assert (result.status, new) == ("ok", 2), result.error
+    [row] = store.feeds([url])
+    first, second = store.new_entries([url], 0, store.max_entry_id(), 10)
+    clean = "[31mA B C D E"
+    assert row["title"] == f"Feed {clean}"
+    assert first.title == f"Entry {clean}"
+    assert first.author == f"Ann {clean}"
+    assert first.categories == [f"Tag {clean}"]
+    # A link with a control character in it is no link at all.
+    assert (second.title, second.link) == ("Bad link", "")
+
+
+def test_control_characters_in_an_rss_feed_never_reach_the_store(
+    feed_server: FeedServer, store: Store
+) -> None:
+    raw = "T\x1b[2Jitle\x07 one\x00\r\nline\x9b"
+    doc = rss(
+        [{"title": raw, "link": "https://ctl.test/1", "guid": "1", "description": "x"}], title=f"Feed {raw}"
+    ).replace(b"</item>", b"<author>a@b.test (Ann\x1b[5m)</author><category>C\x07at</category></item>")
+    url = feed_server.url("/feed.xml")
+    feed_server.routes["/feed.xml"] = Route(doc)
+    result, _ = poll(store, url)
+    assert result.status == "ok", result.error
+    [row] = store.feeds([url])
+    [entry] = store.new_entries([url], 0, store.max_entry_id(), 10)
+    stored = [row["title"], entry.title, entry.author, *entry.categories]
+    for text in stored:
+        assert not re.search(r"[\x00-\x1f\x7f-\x9f]", text), repr(text)
+    assert entry.title.startswith("T [2Jitle one")
+
+
+# -- real-world feeds -----------------------------------------------------------------------------------
+
+
+def test_relative_urls_inside_json_feed_html_resolve_against_the_item_url(feed_server: FeedServer) -> None:
+    html = (
+        '<p>See <a href="/misc/x.png">this</a>, <img src="img.png" alt="i">'
+        ' and a note<sup><a href="#fn:1">1</a></sup>; <a href="https://else.test/">absolute</a>.</p>'
+    )
+    doc = {
+        "version": "https://jsonfeed.org/version/1.1",
+        "items": [
+            {"id": "1", "url": "https://blog.test/posts/1/", "content_html": html},
+            {"id": "2", "url": "https://blog.test/posts/2/", "summary": '<a href="../1/">earlier</a>'},
+        ],
+    }
+    feed_server.routes["/feed.json"] = Route(json.dumps(doc).encode(), content_type=JSON_TYPE)
+    result = fetch_feed(FeedState(feed_server.url("/feed.json")), SETTINGS)
+    assert result.status == "ok", result.error
+    first, second = (e.summary_html for e in result.entries)
+    assert 'href="https://blog.test/misc/x.png"' in first
+    assert 'src="https://blog.test/posts/1/img.png"' in first
+    assert 'href="https://blog.test/posts/1/#fn:1"' in first
+    assert 'href="https://else.test/"' in first
+    assert "<sup>" in first and "this</a>" in first
+    assert second == '<a href="https://blog.test/posts/1/">earlier</a>'
+
+
+def test_an_undated_feed_keeps_document_order_in_the_first_fetch_and_in_the_issue(
+    feed_server: FeedServer, store: Store
+) -> None:
+    # Feeds list the newest first: with no dates, document order is all there is.
+    undated = [{"title": f"U{n}", "link": f"https://u.test/{n}", "description": "x"} for n in range(1, 6)]
+    feed_server.routes["/feed.xml"] = Route(rss(undated))
+    url = feed_server.url("/feed.xml")
+    settings = FetchSettings(timeout=5, first_fetch_newest=2)
+    assert poll(store, url, settings)[1] == 2
+    assert titles(store, url) == ["U1", "U2"]
+
+    newer = [{"title": f"N{n}", "link": f"https://u.test/n{n}", "description": "x"} for n in (1, 2)]
+    time.sleep(1.05)  # entries are dated to the second when first seen
+    feed_server.routes["/feed.xml"] = Route(rss(newer + undated))
+    assert poll(store, url, settings)[1] == 2
+    assert titles(store, url) == ["N1", "N2", "U1", "U2"]
+
+
+def test_a_mixed_feed_prefers_dated_entries_in_the_first_fetch(feed_server: FeedServer, store: Store) -> None:
+    undated = [{"title": f"U{n}", "link": f"https://u.test/{n}", "description": "x"} for n in (1, 2)]
+    feed_server.routes["/feed.xml"] = Route(rss([undated[0], item(1), undated[1], item(3), item(2)]))
+    url = feed_server.url("/feed.xml")
+    assert poll(store, url, FetchSettings(timeout=5, first_fetch_newest=4))[1] == 4
+    # Ranked: the dated by date, then the undated in document order. The undated one kept is
+    # dated when first seen, so the issue lists it first.
+    assert titles(store, url) == ["U1", "Post 3", "Post 2", "Post 1"]
+
+
+def test_an_atom_entry_whose_only_alternate_is_a_pdf_links_to_it() -> None:
+    doc = b"""<?xml version="1.0" encoding="utf-8"?>
+<feed xmlns="http://www.w3.org/2005/Atom"><title>Papers</title><id>urn:p</id>
+  <updated>2026-01-02T00:00:00Z</updated><link href="https://papers.test/"/>
+  <entry><title>Only a PDF</title><id>urn:p:1</id><updated>2026-01-02T00:00:00Z</updated>
+    <link rel="alternate" type="application/pdf" href="https://papers.test/1.pdf"/></entry>
+  <entry><title>PDF and page</title><id>urn:p:2</id><updated>2026-01-02T00:00:00Z</updated>
+    <link rel="alternate" type="application/pdf" href="https://papers.test/2.pdf"/>
+    <link rel="alternate" type="text/html" href="https://papers.test/2"/></entry>
+  <entry><title>Related only</title><id>urn:p:3</id><updated>2026-01-02T00:00:00Z</updated>
+    <link rel="related" href="https://papers.test/3"/></entry>
+</feed>"""
+    parsed = parse_feed(doc, ATOM_TYPE, "https://papers.test/feed.atom")
+    assert [e.link for e in parsed.entries] == [
+        "https://papers.test/1.pdf",
+        "https://papers.test/2",
+        "https://papers.test/3",
+    ]

@@ -10,7 +10,6 @@ import calendar
 import hashlib
 import json
 import re
-import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,9 +23,10 @@ from urllib.request import url2pathname
 import requests
 import urllib3
 
+from . import transport
 from .config import FetchSettings
 from .errors import FeedError
-from .sanitize import html_to_text
+from .sanitize import html_to_text, one_line
 
 
 @dataclass
@@ -77,44 +77,29 @@ def _download(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[st
         headers["If-None-Match"] = state.etag
     if state.last_modified:
         headers["If-Modified-Since"] = state.last_modified
-    deadline = time.monotonic() + settings.timeout
     try:
-        with requests.get(url, headers=headers, timeout=settings.timeout, stream=True) as resp:
-            result = FetchResult(state.url, "ok", fetch_url=state.fetch_url)
-            # Remember a move only when every hop was permanent; a 302 may change back.
-            if resp.history and all(r.status_code in (301, 308) for r in resp.history):
-                result.fetch_url = resp.url
-            if resp.status_code == 304:
-                result.status = "not-modified"
-                result.etag, result.last_modified = state.etag, state.last_modified
-                return b"", {}, result
-            if resp.status_code >= 400:
-                gone = " (gone for good: remove it from schedules.yaml)" if resp.status_code == 410 else ""
-                raise FeedError(f"HTTP {resp.status_code} {resp.reason}{gone}")
-            declared = resp.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > settings.max_bytes:
-                raise FeedError(f"{int(declared):,} bytes is over the {settings.max_bytes:,} byte cap")
-            chunks, size = [], 0
-            # read1 returns whatever has arrived, so a body that trickles in byte by byte
-            # still meets the deadline; iter_content would wait for a full chunk.
-            while chunk := resp.raw.read1(64 * 1024, decode_content=True):
-                size += len(chunk)
-                if size > settings.max_bytes:
-                    raise FeedError(f"more than the {settings.max_bytes:,} byte cap; not read")
-                if time.monotonic() > deadline:
-                    raise FeedError(f"still downloading after {settings.timeout:g} s; gave up")
-                chunks.append(chunk)
-            result.etag = resp.headers.get("ETag")
-            result.last_modified = resp.headers.get("Last-Modified")
-            info = {
-                "content-type": resp.headers.get("Content-Type", ""),
-                "content-location": resp.url,
-            }
-            return b"".join(chunks), info, result
-    except requests.Timeout:
-        raise FeedError(f"no answer within {settings.timeout:g} s") from None
+        answer = transport.get(url, headers=headers, timeout=settings.timeout, max_bytes=settings.max_bytes)
+    except transport.TransportError as exc:
+        raise FeedError(str(exc)) from None
     except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         raise FeedError(f"{exc.__class__.__name__}: {exc}") from None
+    except Exception as exc:  # fetch_feed never raises: one feed must not end the round
+        raise FeedError(f"cannot fetch: {_describe(exc)}") from None
+    result = FetchResult(state.url, "ok", fetch_url=state.fetch_url)
+    # Remember a move only when every hop was permanent; a 302 may change back.
+    if answer.history and all(code in (301, 308) for code in answer.history):
+        result.fetch_url = answer.url
+    if answer.status == 304:
+        result.status = "not-modified"
+        result.etag, result.last_modified = state.etag, state.last_modified
+        return b"", {}, result
+    if answer.status >= 400:
+        gone = " (gone for good: remove it from schedules.yaml)" if answer.status == 410 else ""
+        raise FeedError(f"HTTP {answer.status} {answer.reason}{gone}")
+    result.etag = answer.headers.get("ETag")
+    result.last_modified = answer.headers.get("Last-Modified")
+    info = {"content-type": answer.headers.get("Content-Type", ""), "content-location": answer.url}
+    return answer.body, info, result
 
 
 def _read_file(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[str, str], FetchResult]:
@@ -145,9 +130,16 @@ def fetch_feed(state: FeedState, settings: FetchSettings) -> FetchResult:
         else:
             data, info, result = _download(state, settings)
         if result.status == "ok":
-            result.title, result.link, result.entries, result.warning, result.ttl = parse_feed(
-                data, info["content-type"], info["content-location"]
-            )
+            try:
+                result.title, result.link, result.entries, result.warning, result.ttl = parse_feed(
+                    data, info["content-type"], info["content-location"]
+                )
+            except FeedError:
+                raise
+            except Exception as exc:
+                # The document is hostile or odd in a way nobody foresaw (nesting deep enough
+                # to exhaust the stack, say): that is this feed's problem, not the round's.
+                raise FeedError(f"cannot read the feed: {_describe(exc)}") from None
         return result
     except FeedError as exc:
         # Name the feed as schedules.yaml does, so the user can find it there.
@@ -155,6 +147,32 @@ def fetch_feed(state: FeedState, settings: FetchSettings) -> FetchResult:
         if state.fetch_url and state.fetch_url != state.url:
             where += f" (moved to {state.fetch_url})"
         return FetchResult(state.url, "error", error=f"{where}: {exc}", fetch_url=state.fetch_url)
+
+
+def _describe(exc: BaseException) -> str:
+    """``ClassName: message`` on one line and of a sane length: it ends up in logs and the CLI."""
+    text = one_line(str(exc))
+    text = text if len(text) <= 300 else text[:300] + "…"
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+# RSS <ttl> is minutes. Below a minute is no ask at all; above a week is a typo or an attack
+# (a 20-digit value overflows SQLite and timedelta), and a weekly digest must see its feeds
+# at least weekly. The same bounds apply to what an older version stored.
+TTL_MIN, TTL_MAX = 1, 7 * 24 * 60
+
+
+def clamp_ttl(minutes: object) -> int | None:
+    """A ttl in minutes within [TTL_MIN, TTL_MAX], or None when there is none."""
+    if isinstance(minutes, str):
+        text = minutes.strip()
+        # "²".isdigit() is True but int("²") fails: only ASCII digits are a number here.
+        if not (text.isascii() and text.isdigit()):
+            return None
+        minutes = int(text)
+    if isinstance(minutes, bool) or not isinstance(minutes, int):
+        return None
+    return max(TTL_MIN, min(TTL_MAX, minutes))
 
 
 def fetch_all(states: Iterable[FeedState], settings: FetchSettings) -> list[FetchResult]:
@@ -257,9 +275,9 @@ def parse_feed(data: bytes, content_type: str, base_url: str) -> ParsedFeed:
         warning = f"feed has errors but was read: {problem}"
     feed = parsed.feed
     title = _text_of(feed, "title")
-    link = str(feed.get("link", ""))
+    link = _url(str(feed.get("link", "")))
     # Atom (RFC 4287 4.2.1): an entry without an author has the feed's.
-    feed_author = str((feed.get("author_detail") or {}).get("name") or feed.get("author", ""))
+    feed_author = one_line(str((feed.get("author_detail") or {}).get("name") or feed.get("author", "")))
     # Links that are still relative after xml:base resolution are relative to the site;
     # for a local file the feed's own <link> is the only base there is.
     base = base_url if base_url.startswith("http") else link
@@ -269,30 +287,65 @@ def parse_feed(data: bytes, content_type: str, base_url: str) -> ParsedFeed:
         if e.get("content"):
             body = str(e.content[0].get("value", ""))
         body = str(e.get("summary", "")) or body
-        entry_link = _absolute(base, str(e.get("link", "")))
+        raw_link = _absolute(base, _link_of(e))
         entry_title = _text_of(e, "title")
+        # RSS <author> is "mail (Name)"; feedparser splits the name out.
+        author = one_line(str((e.get("author_detail") or {}).get("name") or e.get("author", "")))
         entries.append(
             FeedEntry(
-                key=_entry_key(str(e.get("id", "")), entry_link, entry_title, body),
+                # The key keeps the link as given: it is an identity, never shown.
+                key=_entry_key(str(e.get("id", "")), raw_link, entry_title, body),
                 title=entry_title,
-                link=entry_link,
+                link=_url(raw_link),
                 summary_html=body,
-                # RSS <author> is "mail (Name)"; feedparser splits the name out.
-                author=str((e.get("author_detail") or {}).get("name") or e.get("author", "")) or feed_author,
+                author=author or feed_author,
                 published=_struct_to_dt(e.get("published_parsed") or e.get("updated_parsed")),
-                image_url=_absolute(base, _image_of(e)),
-                categories=[str(t.get("term")) for t in e.get("tags", []) or [] if t.get("term")],
+                image_url=_url(_absolute(base, _image_of(e))),
+                categories=_categories(str(t.get("term")) for t in e.get("tags", []) or [] if t.get("term")),
             )
         )
-    ttl = str(feed.get("ttl", "")).strip()
-    return ParsedFeed(title, link, entries, warning, int(ttl) if ttl.isdigit() else None)
+    return ParsedFeed(title, link, entries, warning, clamp_ttl(str(feed.get("ttl", ""))))
+
+
+_HTML_TYPES = ("text/html", "application/xhtml+xml", "")
+
+
+def _link_of(entry: Any) -> str:
+    """The entry's page: an HTML alternate, else any alternate, else the first link at all.
+
+    feedparser fills ``link`` only from an HTML alternate; an entry whose one alternate is a
+    PDF would otherwise have no link.
+    """
+    given = str(entry.get("link") or "")
+    # guidislink: feedparser fell back to the id (an RSS permalink guid, an Atom urn:...).
+    if given and not entry.get("guidislink"):
+        return given
+    links = [x for x in entry.get("links", []) or [] if isinstance(x, dict) and x.get("href")]
+    alternates = [x for x in links if x.get("rel", "alternate") == "alternate"]
+    for x in alternates:
+        if str(x.get("type", "")).split(";")[0].strip().lower() in _HTML_TYPES:
+            return str(x["href"])
+    chosen = alternates or links
+    return str(chosen[0]["href"]) if chosen else given
+
+
+# Control characters (ESC, BEL, NUL, CR/LF, C1) in a single-line field would reach headers,
+# terminals and log lines; they are taken out here, where the data comes in.
+def _url(value: str) -> str:
+    """A URL as given, or "" if it carries whitespace inside or control characters."""
+    value = value.strip()
+    return "" if one_line(value) != value else value
+
+
+def _categories(terms: Iterable[str]) -> list[str]:
+    return [c for c in (one_line(t) for t in terms) if c]
 
 
 def _text_of(node: Any, key: str) -> str:
     """A title as plain text: Atom allows type="html" and "xhtml" titles."""
     value = str(node.get(key, ""))
     kind = (node.get(f"{key}_detail") or {}).get("type", "")
-    return html_to_text(value) if kind in ("text/html", "application/xhtml+xml") else value
+    return one_line(html_to_text(value) if kind in ("text/html", "application/xhtml+xml") else value)
 
 
 def _list(value: Any) -> list[Any]:
@@ -300,7 +353,8 @@ def _list(value: Any) -> list[Any]:
 
 
 def _names(authors: list[Any]) -> str:
-    return ", ".join(str(a["name"]) for a in authors if isinstance(a, dict) and a.get("name"))
+    names = (one_line(str(a["name"])) for a in authors if isinstance(a, dict) and a.get("name"))
+    return ", ".join(n for n in names if n)
 
 
 def _parse_json_feed(data: bytes, base_url: str) -> ParsedFeed:
@@ -313,7 +367,7 @@ def _parse_json_feed(data: bytes, base_url: str) -> ParsedFeed:
     items = doc.get("items")
     if not isinstance(items, list):
         raise FeedError("JSON Feed without an items list")
-    link = str(doc.get("home_page_url") or "")
+    link = _url(str(doc.get("home_page_url") or ""))
     base = base_url if base_url.startswith("http") else link
 
     def authors_of(node: dict[str, Any]) -> str:
@@ -327,27 +381,47 @@ def _parse_json_feed(data: bytes, base_url: str) -> ParsedFeed:
     for item in items:
         if not isinstance(item, dict):
             continue
-        body = item.get("content_html") or item.get("summary") or ""
-        if not body and item.get("content_text"):
-            body = "<p>" + escape(str(item["content_text"])) + "</p>"
         entry_link = _absolute(base, str(item.get("url") or item.get("external_url") or ""))
+        body = str(item.get("content_html") or item.get("summary") or "")
+        if body:
+            # Unlike feedparser for XML, nothing resolves a JSON Feed's relative URLs.
+            body = absolute_links(body, entry_link or base)
+        elif item.get("content_text"):
+            body = "<p>" + escape(str(item["content_text"])) + "</p>"
         image = str(item.get("image") or item.get("banner_image") or "")
         if not image:
             for att in _list(item.get("attachments")):
                 if isinstance(att, dict) and str(att.get("mime_type", "")).startswith("image/"):
                     image = str(att.get("url", ""))
                     break
-        title = str(item.get("title") or "")
+        title = one_line(str(item.get("title") or ""))
         entries.append(
             FeedEntry(
-                key=_entry_key(str(item.get("id") or ""), entry_link, title, str(body)),
+                key=_entry_key(str(item.get("id") or ""), entry_link, title, body),
                 title=title,
-                link=entry_link,
-                summary_html=str(body),
+                link=_url(entry_link),
+                summary_html=body,
                 author=authors_of(item) or feed_author,
                 published=_iso_to_dt(item.get("date_published") or item.get("date_modified")),
-                image_url=_absolute(base, image),
-                categories=[str(t) for t in _list(item.get("tags")) if isinstance(t, str)],
+                image_url=_url(_absolute(base, image)),
+                categories=_categories(t for t in _list(item.get("tags")) if isinstance(t, str)),
             )
         )
-    return ParsedFeed(str(doc.get("title") or ""), link, entries)
+    return ParsedFeed(one_line(str(doc.get("title") or "")), link, entries)
+
+
+def absolute_links(fragment: str, base: str) -> str:
+    """``fragment`` with every relative URL (href, src, ``#fn:1``...) resolved against ``base``."""
+    if not base.startswith(("http://", "https://")) or not fragment.strip():
+        return fragment
+    from lxml import etree
+    from lxml import html as lxml_html
+
+    try:
+        root = lxml_html.fragment_fromstring(fragment, create_parent="div")
+    except (etree.ParserError, ValueError):
+        return fragment
+    # "discard": a link that cannot be resolved (http://[ ...) is dropped, not kept relative.
+    root.make_links_absolute(base, resolve_base_href=False, handle_failures="discard")
+    out = lxml_html.tostring(root, encoding="unicode")
+    return out[len("<div>") : -len("</div>")] if out.startswith("<div>") else out

@@ -19,7 +19,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .errors import StoreError
-from .feeds import FeedEntry, FeedState, FetchResult
+from .feeds import FeedEntry, FeedState, FetchResult, clamp_ttl
+from .files import create_private
 from .subscribers import Subscriber
 
 SCHEMA = """
@@ -147,6 +148,12 @@ class Store:
                 hint="only sqlite:///path is built in so far",
             )
         self.path = url[len("sqlite:///") :]
+        try:
+            # It holds every address and the unsubscribe secret: 0600 from its first byte on.
+            if self.path != ":memory:" and not self.path.startswith("file:"):
+                create_private(self.path)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create the state database: {exc.strerror}") from None
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so what is one
             # transaction is written down here and not left to the driver's guesses.
@@ -480,7 +487,7 @@ class Store:
                     result.last_modified,
                     result.title,
                     result.link,
-                    result.ttl,
+                    clamp_ttl(result.ttl),
                     result.url,
                 ),
             )
@@ -512,16 +519,22 @@ class Store:
     def feeds(self, urls: Iterable[str] | None = None) -> list[dict[str, Any]]:
         rows = self._execute("SELECT * FROM feeds ORDER BY url").fetchall()
         wanted = set(urls) if urls is not None else None
-        return [dict(r) for r in rows if wanted is None or r["url"] in wanted]
+        # A ttl stored before it was clamped (10**15 minutes, say) must not break every poll.
+        return [
+            {**r, "ttl": clamp_ttl(r["ttl"])} for r in map(dict, rows) if wanted is None or r["url"] in wanted
+        ]
 
     def new_entries(
         self, feed_urls: list[str], after_id: int, up_to_id: int, limit: int
     ) -> list[StoredEntry]:
-        """Entries with after_id < id <= up_to_id that are not history, newest first."""
+        """Entries with after_id < id <= up_to_id that are not history, newest first.
+
+        Entries of one date (undated ones are dated when first seen, so all of a fetch share
+        one) keep the feed's document order, which lists the newest first: id ascending."""
         marks = ",".join("?" * len(feed_urls))
         rows = self._execute(
             f"SELECT * FROM entries WHERE feed_url IN ({marks}) AND id > ? AND id <= ?"
-            " AND backlog = 0 ORDER BY published DESC, id DESC LIMIT ?",
+            " AND backlog = 0 ORDER BY published DESC, id ASC LIMIT ?",
             (*feed_urls, after_id, up_to_id, limit),
         ).fetchall()
         return [_entry(r) for r in rows]
@@ -740,12 +753,12 @@ def _backlog(entries: list[FeedEntry], newest: int, days: float | None) -> set[i
     if days is not None:
         cutoff = now().timestamp() - days * 86400
         return {i for i, e in enumerate(entries) if e.published and e.published.timestamp() < cutoff}
-    undated_last = sorted(
-        range(len(entries)),
-        key=lambda i: (entries[i].published is not None, entries[i].published or now(), -i),
-        reverse=True,
-    )
-    return set(undated_last[newest:])
+    # Dated entries newest first, then the undated ones: a date is the better evidence of
+    # being recent. Ties, and the undated among themselves, keep document order (feeds list
+    # the newest first).
+    dated = sorted((-e.published.timestamp(), i) for i, e in enumerate(entries) if e.published)
+    undated = [i for i, e in enumerate(entries) if e.published is None]
+    return set(([i for _, i in dated] + undated)[newest:])
 
 
 def _entry(row: sqlite3.Row) -> StoredEntry:
