@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import regex
 
+from newsletter import share
 from newsletter.share import (
     ELLIPSIS,
     NETWORKS,
@@ -310,6 +311,67 @@ def test_link_that_cannot_fit_is_an_error() -> None:
         snippet("bluesky", "Title", "Summary", "https://example.com/" + "x" * 400)
 
 
+LONG_LINK = "https://blog.example.org/" + "a-very-long-slug-" * 23  # 416 characters
+
+
+def test_a_link_too_long_for_one_network_costs_that_network_only() -> None:
+    with pytest.raises(share.LinkTooLong) as err:
+        snippet("bluesky", "Title", "Summary", LONG_LINK)
+    assert "too long for bluesky" in err.value.reason and "300" in err.value.reason
+    links = share_links("Title", LONG_LINK, {}, mastodon_instance="mastodon.social")
+    assert "bluesky" not in links
+    # X and Mastodon count any link as 23; the others take it in url= or have room for it.
+    assert {"x", "mastodon", "threads", "linkedin", "facebook", "reddit", "email"} <= set(links)
+    assert LONG_LINK in parse(links["x"])[1]["text"][0]
+
+
+# An untitled entry (a micro-post): its text is what there is to share.
+MICRO = "Shipped the new build cache today: cold builds are twice as fast, warm ones barely notice. " * 6
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+def test_an_untitled_entry_is_shared_by_its_summary(network: str) -> None:
+    net = NETWORKS[network]
+    text = snippet(network, "", MICRO, LINK, ["Build systems"])
+    assert text.startswith("Shipped the new build cache today"), text
+    assert count(network, net.posted(text, LINK)) <= net.limit
+    if "{link}" in net.template:
+        assert LINK in text
+
+
+@pytest.mark.parametrize("template", ["{title}", "{title} {link}", "{title} — {link} {hashtags}"])
+def test_title_only_templates_fall_back_to_the_summary(template: str) -> None:
+    text = snippet("x", "  ", MICRO, LINK, ["Build systems"], template=template)
+    assert text.startswith("Shipped the new build cache") and ELLIPSIS in text  # cut to fit
+    assert count("x", text) <= 280
+    # A titled entry keeps its title: the fallback is for untitled ones only.
+    assert snippet("x", "Title", MICRO, LINK, template=template).startswith("Title")
+
+
+def test_share_links_of_an_untitled_entry_carry_its_text() -> None:
+    links = share_links("", LINK, {}, summary=MICRO)
+    (title,) = parse(links["reddit"])[1]["title"]
+    assert title.startswith("Shipped the new build cache") and count("reddit", title) <= 300
+    mail = parse(links["email"])[1]
+    assert mail["subject"][0].startswith("Shipped the new") and len(mail["subject"][0]) <= share.SUBJECT_MAX
+    assert parse(links["x"])[1]["text"][0].startswith("Shipped the new build cache")
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+def test_no_control_character_reaches_a_snippet(network: str) -> None:
+    text = snippet(
+        network,
+        "Evil\x1b[31m title\x07\r\nInjected: yes",
+        "Sum\x1b[2Jmary\x00 with \x9b1m C1 and \x85 NEL",
+        "https://blog.test/x\r\nSet-Cookie: a=b",
+        ["Tag\x1b[0m"],
+    )
+    # Line breaks between title, summary and link are the template's; nothing else may move
+    # a cursor or start a line that was not there.
+    assert not regex.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", text), repr(text)
+    assert "\nInjected" not in text and "\nSet-Cookie" not in text
+
+
 def test_custom_template() -> None:
     text = snippet(
         "x", "Title", LOREM, LINK, ["Build systems"], template="{title} — {link} {{via}} {hashtags}"
@@ -468,8 +530,6 @@ def test_top_level_domains_agree_with_the_public_suffix_list() -> None:
     # share reads only the one-label rules; it must answer as the whole list does, for every
     # label the list names, in Unicode, xn-- and upper case, and for names that are no TLD.
     from publicsuffixlist import PSLFILE, PublicSuffixList
-
-    from newsletter import share
 
     full = PublicSuffixList(only_icann=True, accept_unknown=False)
     labels = {"node", "js", "py", "local", "zz", "ＣＯＭ", "-"}

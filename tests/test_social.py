@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,3 +274,72 @@ def test_the_daemon_posts_new_articles_on_its_own(
     assert daemon.terminate() == 0
     assert receiver.titles() == ["Post 1", "Post 2"]
     assert "event=post schedule=weekly" in daemon.log
+
+
+# --- a link too long for one network, untitled entries --------------------------------------------
+
+# 416 characters; with its UTM tags more than Bluesky's 300 graphemes, while X and Mastodon count
+# any link as 23 and LinkedIn, Reddit and mail take it as it is.
+LONG_LINK = "https://blog.example.org/posts/" + "a-very-long-slug-" * 23 + "end"
+
+
+def test_a_link_too_long_for_bluesky_costs_that_article_its_bluesky_link_only(
+    project: Project, feed_server: FeedServer
+) -> None:
+    feed_server.routes["/feed.xml"] = Route(rss([item(1), item(2, link=LONG_LINK), item(3)]))
+    project.setup([feed_server.url("/feed.xml")], extra_schedule=SHARE)
+    assert project.run("fetch").exit_code == 0
+
+    check = project.run("check")
+    assert check.exit_code == 0, check.output
+    assert "1 schedule(s) OK" in check.output
+
+    sent = project.run("send-digest", "weekly")
+    assert sent.exit_code == 0, sent.output
+    html = sent_messages(project.root / "outbox")["ann@example.com"].get_body(("html",)).get_content()
+    assert "Post 2" in html and LONG_LINK in html  # the article itself is in the digest, linked
+    shares = [u.replace("&amp;", "&") for u in re.findall(r'href="([^"]+)"', html)]
+    bluesky = [u for u in shares if u.startswith("https://bsky.app/intent/compose")]
+    x = [u for u in shares if u.startswith("https://twitter.com/intent/tweet")]
+    assert len(bluesky) == 2 and len(x) == 3  # every article but the long one keeps Bluesky
+    assert not any("a-very-long-slug" in parse_qs(urlsplit(u).query)["text"][0] for u in bluesky)
+    assert any("a-very-long-slug" in parse_qs(urlsplit(u).query)["text"][0] for u in x)
+
+    plain = project.run("share", "weekly")
+    assert plain.exit_code == 0, plain.output
+    assert "[bluesky] none: the link is too long for bluesky" in plain.output
+    assert plain.output.count("[x ") == 3 and plain.output.count("[bluesky ") == 2
+    doc = json.loads(project.run("share", "weekly", "--json").output)
+    [long] = [d for d in doc if d["link"] == LONG_LINK]
+    assert "bluesky" not in long["snippets"] and "too long" in long["unfit"]["bluesky"]
+    assert LONG_LINK + "?utm_source=x" in long["snippets"]["x"]["text"]
+    assert long["snippets"]["x"]["text"].startswith("Post 2") and "X" in long["share_links"]
+    assert "Bluesky" not in long["share_links"]
+    assert all("bluesky" in d["snippets"] for d in doc if d["link"] != LONG_LINK)
+
+
+MICRO = "Shipped the new build cache today: cold builds are twice as fast, warm ones barely notice. " * 3
+
+
+def test_an_untitled_micro_post_is_shared_by_its_text(project: Project, feed_server: FeedServer) -> None:
+    micro = item(1, description=f"<p>{MICRO}</p>")
+    del micro["title"]
+    feed_server.routes["/feed.xml"] = Route(rss([micro]))
+    project.setup([feed_server.url("/feed.xml")], extra_schedule=SHARE)
+    assert project.run("send-digest", "weekly").exit_code == 0
+    text = sent_messages(project.root / "outbox")["ann@example.com"].get_body(("plain",)).get_content()
+    lines = {
+        k: v.strip() for k, v in (ln.split(": ", 1) for ln in text.splitlines() if ln.startswith("Share on "))
+    }
+    reddit = parse_qs(urlsplit(lines["Share on Reddit"]).query)
+    assert reddit["title"][0].startswith("Shipped the new build cache today")
+    assert share.count("reddit", reddit["title"][0]) <= 300
+    mail = parse_qs(urlsplit(lines["Share on Email"]).query)
+    assert mail["subject"][0].startswith("Shipped the new build cache")
+    tweet = parse_qs(urlsplit(lines["Share on X"]).query)["text"][0]
+    assert tweet.startswith("Shipped the new build cache") and share.count("x", tweet) <= 280
+
+    [doc] = json.loads(project.run("share", "weekly", "--json").output)
+    for network, s in doc["snippets"].items():
+        assert s["text"].startswith("Shipped the new build cache"), network
+        assert s["count"] <= s["limit"], network

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from conftest import free_port
+from conftest import FeedServer, Project, Route, free_port
 from newsletter.errors import DeliveryError, PermanentFailure, TargetGone, TemporaryFailure
 from newsletter.senders import Post, forget_plugins, sender_types
 from newsletter.senders.webhook import (
@@ -389,7 +389,7 @@ def test_a_receiver_that_never_answers_ends_in_temporary_failure(
     receiver = serve(hang)
     s = sender(tmp_path, url=receiver.url(), format="slack", timeout=0.5, retries=2, max_wait=0.1)
     waits = watch_waits(s)
-    with pytest.raises(TemporaryFailure, match=r"no answer within 0\.5 s"):
+    with pytest.raises(TemporaryFailure, match=r"no full answer within 0\.5 s"):
         s.post(article())
     # The sender gave up while the receiver was still holding both requests.
     assert receiver.answered == 0
@@ -696,3 +696,248 @@ def test_registered_as_a_posting_sender() -> None:
     forget_plugins()
     assert sender_types()["webhook"] is WebhookSender
     assert WebhookSender.mails is False and WebhookSender.posts is True
+
+
+# --- what is posted: links filtered like the email's, no control characters ---------------------
+
+BAD_LINKS = {
+    "link": "javascript:alert(document.cookie)",
+    "image_url": "data:image/svg+xml;base64,PHN2Zz48L3N2Zz4=",
+    "crlf": "https://blog.test/posts/2\r\nX-Injected: yes",
+}
+
+
+def posted_strings(value: Any) -> list[str]:
+    """Every string in a decoded JSON body, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (k, *posted_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in posted_strings(v)]
+    return []
+
+
+def assert_clean(body: bytes) -> list[str]:
+    strings = posted_strings(json.loads(body))
+    for s in strings:
+        assert "javascript:" not in s and "data:" not in s, s
+        assert "X-Injected" not in s and "\r" not in s, s
+        assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", s), repr(s)
+    return strings
+
+
+@pytest.mark.parametrize("fmt", ["json", "slack", "discord", "mastodon", "bluesky"])
+def test_no_unsafe_url_is_posted_in_any_format(
+    serve: Callable[[Respond], Receiver], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    pds = FakePds()
+
+    def respond(hit: Hit, n: int) -> Reply:
+        if fmt == "json":
+            verify_standard_webhook(hit)
+        if fmt == "bluesky":
+            return pds(hit, n)
+        if fmt == "discord":
+            return ok({"id": "1", "channel_id": "2", "guild_id": "3"})
+        return ok({"id": "1", "url": "https://mastodon.test/@news/1"}) if fmt == "mastodon" else ok()
+
+    receiver = serve(respond)
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    monkeypatch.setenv("MASTODON_TOKEN", "tok-123")
+    monkeypatch.setenv("BSKY_PASSWORD", "app-pass-1234")
+    options: dict[str, Any] = {
+        "json": {"url": receiver.url(), "secret_env": "HOOK_SECRET"},
+        "slack": {"url": receiver.url("/services/T1/B1/x")},
+        "discord": {"url": receiver.url("/api/webhooks/1/tok")},
+        "mastodon": {"url": receiver.url(""), "token_env": "MASTODON_TOKEN"},
+        "bluesky": {
+            "url": receiver.url(""),
+            "identifier": "news.example.net",
+            "password_env": "BSKY_PASSWORD",
+        },
+    }[fmt]
+    bad = BAD_LINKS["link"]
+    # As a plugin or an older caller might build it: the bad link in the text too.
+    unsafe = article(
+        1,
+        link=bad,
+        text=f"Post 1\n\nBody of post 1.\n\n{bad} #Python",
+        image_url=BAD_LINKS["image_url"],
+        articles=(("Post 1", bad), ("Post 2", BAD_LINKS["crlf"]), ("Post 3", "https://blog.test/posts/3")),
+    )
+    with sender(tmp_path, format=fmt, **options) as s:
+        s.post(unsafe)
+        s.post(article(4, link=BAD_LINKS["crlf"], text=f"Post 4 {BAD_LINKS['crlf']}"))
+
+    assert receiver.errors == []
+    posts = [h for h in receiver.hits if not h.path.endswith("createSession")]
+    assert len(posts) == 2  # posted, without the link, rather than dropped
+    first = assert_clean(posts[0].body)
+    assert_clean(posts[1].body)
+    assert any("Post 1" in s for s in first)
+    if fmt in ("json", "slack"):  # the formats that list an issue's articles keep the good link
+        assert any("https://blog.test/posts/3" in s for s in first)
+    if fmt == "json":
+        data = posts[0].json()["data"]
+        assert data["link"] == "" and data["image_url"] == ""
+        assert data["articles"][2] == {"title": "Post 3", "link": "https://blog.test/posts/3"}
+    if fmt == "bluesky":
+        assert "embed" not in pds.records[0] and "facets" in pds.records[0]  # the #Python tag only
+        assert all(f["features"][0]["$type"].endswith("#tag") for f in pds.records[0]["facets"])
+
+
+def json_feed(items: list[dict[str, Any]]) -> Route:
+    doc = {"version": "https://jsonfeed.org/version/1.1", "title": "J", "items": items}
+    return Route(json.dumps(doc).encode(), content_type="application/feed+json")
+
+
+def hook_project(project: Project, feed: str, sender_yaml: str, each: str = "article") -> None:
+    """A schedule of one feed that posts to one webhook target, ``hook``."""
+    project.setup([feed])
+    text = project.config.read_text().replace(
+        "schedules:\n", "  hook:\n    type: webhook\n" + sender_yaml + "schedules:\n"
+    )
+    project.config.write_text(text + f"    post:\n      - to: hook\n        each: {each}\n")
+
+
+def test_posts_from_a_feed_carry_only_safe_links_and_no_control_characters(
+    serve: Callable[[Respond], Receiver],
+    project: Project,
+    feed_server: FeedServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receiver = serve(lambda hit, n: (verify_standard_webhook(hit), ok())[1])
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    feed_server.routes["/feed.json"] = json_feed(
+        [
+            {
+                "id": "1",
+                "url": BAD_LINKS["link"],
+                "title": "Evil\x1b[31m title\x07\r\nInjected: yes",
+                "content_text": "Sum\x1b[2Jmary with \x9b1m and \x00 in it",
+                "image": BAD_LINKS["image_url"],
+                "date_published": "2026-01-01T01:00:00Z",
+            },
+            {"id": "2", "url": BAD_LINKS["crlf"], "title": "Two", "date_published": "2026-01-01T02:00:00Z"},
+            {
+                "id": "3",
+                "url": "https://blog.test/posts/3",
+                "title": "Three",
+                "date_published": "2026-01-01T03:00:00Z",
+            },
+        ]
+    )
+    hook_project(
+        project,
+        feed_server.url("/feed.json"),
+        f"    format: json\n    url: {receiver.url()}\n    secret_env: HOOK_SECRET\n    retries: 1\n",
+    )
+    text = project.config.read_text()
+    project.config.write_text(text + "      - to: hook\n        each: issue\n")
+    posted = project.run("post", "weekly")
+    assert posted.exit_code == 0, posted.output
+    assert project.run("send-digest", "weekly").exit_code == 0
+
+    assert receiver.errors == []
+    payloads = [h.json() for h in receiver.hits]
+    for h in receiver.hits:
+        assert_clean(h.body)
+    articles = {p["data"]["title"]: p["data"] for p in payloads if p["type"] == "article.published"}
+    assert set(articles) == {"Evil [31m title Injected: yes", "Two", "Three"}
+    evil = articles["Evil [31m title Injected: yes"]
+    assert evil["link"] == "" and evil["image_url"] == ""
+    assert evil["text"].startswith("Evil [31m title Injected: yes") and "\nInjected" not in evil["text"]
+    assert articles["Two"]["link"] == "" and articles["Three"]["link"].startswith("https://blog.test/posts/3")
+    [issue] = [p["data"] for p in payloads if p["type"] == "issue.published"]
+    assert [a["link"][:25] for a in issue["articles"]] == ["https://blog.test/posts/3", "", ""]
+    assert issue["link"].startswith("https://blog.test/posts/3")
+
+
+# --- through `newsletter post`: an item that cannot be posted, errors that hold secrets ----------
+
+LONG_LINK = "https://blog.example.org/posts/" + "a-very-long-slug-" * 23 + "end"  # over 300 graphemes
+
+
+def test_a_link_too_long_for_bluesky_fails_that_post_once_and_the_others_go_out(
+    serve: Callable[[Respond], Receiver],
+    project: Project,
+    feed_server: FeedServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlite3
+
+    from conftest import item, rss
+
+    pds = FakePds()
+    receiver = serve(pds)
+    monkeypatch.setenv("BSKY_PASSWORD", "app-pass-1234")
+    feed_server.routes["/feed.xml"] = Route(rss([item(1), item(2, link=LONG_LINK), item(3)]))
+    hook_project(
+        project,
+        feed_server.url("/feed.xml"),
+        f"    format: bluesky\n    url: {receiver.url('')}\n    identifier: news.example.net\n"
+        "    password_env: BSKY_PASSWORD\n    retries: 1\n",
+    )
+    first = project.run("post", "weekly")
+    assert first.exit_code == 1, first.output  # one item failed, and says why
+    assert "posted 2 now; in all sent 2, pending 0, failed 1" in first.output
+    assert "Post 2: not posted: the link is too long for bluesky" in first.output
+    assert receiver.errors == []
+    assert [r["text"].split("\n")[0] for r in pds.records] == ["Post 1", "Post 3"]
+    with sqlite3.connect(project.root / "state.db") as db:
+        [(status, error)] = db.execute(
+            "SELECT status, last_error FROM posts WHERE status != 'sent'"
+        ).fetchall()
+    assert status == "failed" and "too long for bluesky" in error
+
+    # Given up for good: the next run neither retries it nor reports it again.
+    again = project.run("post", "weekly")
+    assert again.exit_code == 0, again.output
+    assert "posted 0 now; in all sent 2, pending 0, failed 1" in again.output
+    assert len(pds.records) == 2
+
+
+@pytest.mark.parametrize("fmt", ["json", "mastodon"])
+def test_a_failing_target_never_shows_or_stores_its_secrets(
+    serve: Callable[[Respond], Receiver],
+    project: Project,
+    feed_server: FeedServer,
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+) -> None:
+    import sqlite3
+
+    from conftest import item, rss
+
+    def respond(hit: Hit, n: int) -> Reply:
+        # A careless receiver that quotes the request back, credentials and all.
+        echo = f"rejected POST {hit.path} auth={hit.headers.get('authorization', '')}"
+        if fmt == "json":
+            auth = base64.b64decode(hit.headers["authorization"].removeprefix("Basic ")).decode()
+            return 400, {"Content-Type": "text/plain"}, f"{echo} user={auth}".encode()
+        return 500, {"Content-Type": "text/plain"}, echo.encode()
+
+    receiver = serve(respond)
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    monkeypatch.setenv("MASTODON_TOKEN", "mastodon-token-789")
+    port = receiver.httpd.server_address[1]
+    if fmt == "json":
+        url = f"http://hookuser:userinfo-pass-123@127.0.0.1:{port}/hook/path-token-456?token=query-token-789"
+        options = f"    format: json\n    url: {url}\n    secret_env: HOOK_SECRET\n"
+        secrets = ["userinfo-pass-123", "path-token-456", "query-token-789"]
+    else:
+        options = f"    format: mastodon\n    url: http://127.0.0.1:{port}\n    token_env: MASTODON_TOKEN\n"
+        secrets = ["mastodon-token-789"]
+    feed_server.routes["/feed.xml"] = Route(rss([item(1)]))
+    hook_project(project, feed_server.url("/feed.xml"), options + "    retries: 1\n")
+    result = project.run("post", "weekly")
+    assert result.exit_code == 1
+    assert len(receiver.hits) == 1 and ("400" if fmt == "json" else "500") in result.output
+    assert "rejected POST" in result.output  # the reply is still quoted, minus the secrets
+    with sqlite3.connect(project.root / "state.db") as db:
+        [(error,)] = db.execute("SELECT last_error FROM posts").fetchall()
+    assert "rejected POST" in error
+    for secret in secrets:
+        assert secret not in result.output, secret
+        assert secret not in error, secret

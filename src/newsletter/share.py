@@ -28,6 +28,8 @@ from publicsuffixlist import PSLFILE
 from .sanitize import one_line
 
 ELLIPSIS = "…"
+# A subject (mailto:) made from an untitled entry's text: about what a mail client shows.
+SUBJECT_MAX = 70
 URL_WEIGHT = 23  # X wraps every link in a 23-character t.co link; Mastodon reserves 23 per link
 DEFAULT_TEMPLATE = "{title}\n\n{summary}\n\n{link} {hashtags}"
 TEMPLATE_FIELDS = frozenset({"title", "summary", "link", "hashtags"})
@@ -269,6 +271,22 @@ def _network(name: str) -> Network:
         raise ValueError(f"unknown network {name!r}; known: {', '.join(NETWORKS)}") from None
 
 
+class LinkTooLong(ValueError):
+    """The link alone is over the network's limit: no text for that network can hold it."""
+
+    def __init__(self, network: str, limit: int, used: int, link: str) -> None:
+        super().__init__(f"{network}: the link alone does not fit in {limit}: {link}")
+        self.network, self.limit, self.used, self.link = network, limit, used, link
+
+    @property
+    def reason(self) -> str:
+        """For a person: what is wrong, without repeating the (long) link."""
+        return (
+            f"the link is too long for {self.network}: it counts {self.used} there,"
+            f" over the limit of {self.limit}, so no {self.network} text can carry it"
+        )
+
+
 def count(network: str, text: str) -> int:
     """Length of text as the network measures it (for Telegram: without the link above it)."""
     return _network(network).count(text)
@@ -373,17 +391,25 @@ def snippet(
     is cut first, down to about SUMMARY_FLOOR characters; then hashtags go from the end; then the
     rest of the summary; then the title. Cuts fall on word boundaries and end in an ellipsis; a
     summary left out whole leaves no mark. The link is never cut: if it cannot fit on its own,
-    ValueError.
+    LinkTooLong (a ValueError).
+
+    An untitled entry (a micro-post) is its summary: a template with {title} but no {summary}
+    (Reddit's, a user's "{title} {link}") shows the summary there, cut like a summary.
     """
     net = _network(network)
     template = net.template if template is None else template
     check_template(template)
     limit = net.limit if limit is None else limit
     title, summary = (one_line(unicodedata.normalize("NFC", s)) for s in (title, summary))
-    link = link.strip()
+    # one_line, not strip: a CR/LF or ESC in a link must not reach the post as a control character.
+    link = one_line(link)
     tags = hashtags_from(hashtags)
+    fields = {f for _literal, f, _spec, _conv in Formatter().parse(template) if f}
+    summary_as_title = not title and "title" in fields and "summary" not in fields
 
     def text(title: str, summary: str, n_tags: int) -> str:
+        if summary_as_title:
+            title, summary = summary, ""
         return _render(template, title, summary, link, tags[:n_tags])
 
     def fits(candidate: str) -> bool:
@@ -403,8 +429,15 @@ def snippet(
 
     cut = _longest([0, *_cut_points(title)], lambda cut: fits(text(_shorten(title, cut), "", 0)))
     if cut is None:
-        raise ValueError(f"{network}: the link alone does not fit in {limit}: {link}")
+        raise LinkTooLong(network, limit, net.count(net.posted(text("", "", 0), link)), link)
     return text(_shorten(title, cut), "", 0)
+
+
+def headline(title: str, summary: str, limit: int = SUBJECT_MAX) -> str:
+    """The title, or for an untitled entry its summary cut to ``limit`` characters (a subject)."""
+    if one_line(title):
+        return one_line(title)
+    return snippet("reddit", "", summary, "", template="{title}", limit=limit)
 
 
 # --- Share-intent links --------------------------------------------------------------------------
@@ -426,13 +459,20 @@ def _mastodon_host(instance: str) -> str:
 
 
 def share_link(
-    network: str, title: str, link: str, text: str | None = None, mastodon_instance: str | None = None
+    network: str,
+    title: str,
+    link: str,
+    text: str | None = None,
+    mastodon_instance: str | None = None,
+    summary: str = "",
 ) -> str | None:
     """One network's share-intent URL; None for Mastodon without the readers' server.
 
     X, Threads, Bluesky, Mastodon and WhatsApp get the whole snippet as text=, since it already
     holds the link and hashtags (X and Threads would add url= and hashtags= a second time).
-    LinkedIn and Facebook take only the link. Without text, the title and link make one.
+    LinkedIn and Facebook take only the link. Without text, the title and link make one; with
+    no title, the summary stands in for it (and for the mail subject). LinkTooLong when the
+    link cannot fit the network's text at all.
     """
     if network in ("linkedin", "facebook"):
         return _intent(
@@ -443,7 +483,7 @@ def share_link(
         )
     if network == "mastodon" and not mastodon_instance:
         return None
-    body = text if text is not None else snippet(network, title, "", link)
+    body = text if text is not None else snippet(network, title, "" if one_line(title) else summary, link)
     if network == "x":
         return _intent("https://twitter.com/intent/tweet", text=body)
     if network == "bluesky":
@@ -457,7 +497,7 @@ def share_link(
     if network == "whatsapp":
         return _intent("https://api.whatsapp.com/send", text=body)
     if network == "email":
-        return _intent("mailto:", subject=one_line(title), body=body)
+        return _intent("mailto:", subject=headline(title, summary), body=body)
     if network == "mastodon":
         assert mastodon_instance
         return _intent(f"https://{_mastodon_host(mastodon_instance)}/share", text=body)
@@ -469,11 +509,12 @@ def share_links(
     link: str,
     text_by_network: Mapping[str, str],
     mastodon_instance: str | None = None,
+    summary: str = "",
 ) -> dict[str, str]:
     """Share-intent URL per network (see share_link), for the texts snippet() made for each.
 
     A network missing from text_by_network gets the title and link. Mastodon is left out
-    without mastodon_instance.
+    without mastodon_instance, and so is a network whose limit the link alone exceeds.
     """
     links = {}
     for network in (
@@ -488,7 +529,10 @@ def share_links(
         "email",
         "mastodon",
     ):
-        url = share_link(network, title, link, text_by_network.get(network), mastodon_instance)
+        try:
+            url = share_link(network, title, link, text_by_network.get(network), mastodon_instance, summary)
+        except LinkTooLong:
+            continue
         if url is not None:
             links[network] = url
     return links

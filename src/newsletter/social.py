@@ -19,8 +19,9 @@ from . import share
 from .config import Config, PostTarget, Schedule
 from .errors import DeliveryError, PermanentFailure, TargetGone, TemporaryFailure
 from .locks import ScheduleLock
+from .redact import redact
 from .render import Article
-from .sanitize import html_to_text, web_link
+from .sanitize import html_to_text, one_line, printable, web_link
 from .senders import Post
 from .store import Store, StoredEntry, now
 
@@ -37,6 +38,9 @@ LABELS = {
     "email": "Email",
 }
 FIRST_POST_WINDOW = timedelta(days=1)  # a new target announces only entries of the last day
+# What render.article shows for an entry without a title; shared, it would be noise, so an
+# untitled entry (a micro-post) is shared by its text instead.
+UNTITLED = "(untitled)"
 
 
 def _campaign(schedule: Schedule, name: str, issue: int | str) -> str:
@@ -62,32 +66,50 @@ def snippets(
     link: str,
     categories: list[str],
     issue: int | str,
-) -> dict[str, str]:
-    """Ready-to-post text per network, each within that network's own limit."""
-    out = {}
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Ready-to-post text per network, each within that network's own limit, and, apart, why a
+    network got none (a link longer than its whole limit): one long link costs that network only.
+    """
+    out, unfit = {}, {}
     for network in share.NETWORKS:
         template = schedule.share.templates.get(network) or schedule.share.template
         limit = schedule.share.mastodon_limit if network == "mastodon" else None
-        out[network] = share.snippet(
-            network, title, summary, tagged(link, schedule, name, issue, network), categories, template, limit
-        )
-    return out
+        try:
+            out[network] = share.snippet(
+                network,
+                title,
+                summary,
+                tagged(link, schedule, name, issue, network),
+                categories,
+                template,
+                limit,
+            )
+        except share.LinkTooLong as exc:
+            unfit[network] = exc.reason
+    return out, unfit
 
 
 def decorate(article: Article, schedule: Schedule, name: str, issue: int) -> None:
     """UTM-tag the article's link and give it its share line (once per issue)."""
     original = article.link
     article.link = tagged(original, schedule, name, issue)
-    if not schedule.share.networks or not original.startswith(("http://", "https://")):
+    if not schedule.share.networks or not web_link(original):
         return
+    title = "" if article.title == UNTITLED else article.title
+    summary = "" if title else article.summary_text
     article.share_links = []
     for n in schedule.share.networks:
         # Each network's link carries its own utm_source, also where only url= is honoured.
         link = tagged(original, schedule, name, issue, n)
-        text = None
-        if n not in ("reddit", "email", "linkedin", "facebook"):
-            text = share.snippet(n, article.title, "", link, article.categories, schedule.share.link_template)
-        url = share.share_link(n, article.title, link, text, schedule.share.mastodon_instance)
+        try:
+            text = None
+            if n not in ("reddit", "email", "linkedin", "facebook"):
+                text = share.snippet(
+                    n, title, summary, link, article.categories, schedule.share.link_template
+                )
+            url = share.share_link(n, title, link, text, schedule.share.mastodon_instance, summary)
+        except share.LinkTooLong:
+            continue  # no share link for this network; the others keep theirs
         if url is not None:
             article.share_links.append((LABELS[n], url))
 
@@ -151,45 +173,58 @@ def queue_issue(config: Config, store: Store, name: str, number: int, issue_id: 
             store.queue_post(target.to, item_id(name, target.to, "issue", number), name, "issue", issue_id)
 
 
+class _Unpostable(Exception):
+    """This item can never be posted to this target (its link is over the network's limit)."""
+
+    def __init__(self, title: str, reason: str) -> None:
+        super().__init__(reason)
+        self.title = title
+
+
 def _post_item(
     config: Config, store: Store, name: str, target: PostTarget, kind: str, ref: int, network: str, pid: str
 ) -> Post | None:
+    # Every URL goes through the email's own filter (a javascript: or data: link the email
+    # blanked is posted without a link, not as one), and no text field carries a control
+    # character: receivers show these fields as they are.
     schedule = config.schedule(name)
     if kind == "article":
         found = store.entries([ref])
         if not found:
             return None
         e = found[0]
-        summary = html_to_text(e.summary_html)
+        title = one_line(e.title)
+        summary = printable(html_to_text(e.summary_html))
         link = tagged(web_link(e.link), schedule, name, "posts", network)
-        text = _text(network, e.title, summary, link, e.categories, target.template, schedule)
+        text = _text(network, title, summary, link, e.categories, target.template, schedule)
         return Post(
             pid,
             "article",
             name,
-            e.title,
+            title,
             link,
             summary,
             text,
             tuple(share.hashtags_from(e.categories)),
             e.published.isoformat(),
-            e.image_url,
+            web_link(e.image_url),
         )
     issue = store.issue_by_id(ref)
     if issue is None:
         return None
     arts = tuple(
-        (e.title, tagged(e.link, schedule, name, issue.number, network))
+        (one_line(e.title), tagged(web_link(e.link), schedule, name, issue.number, network))
         for e in store.entries(issue.entry_ids)
     )
-    link = arts[0][1] if arts else ""
+    link = next((a_link for _, a_link in arts if a_link), "")
+    subject = one_line(issue.subject)
     summary = " · ".join(t for t, _ in arts)
-    text = _text(network, issue.subject, summary, link, [], target.template, schedule)
+    text = _text(network, subject, summary, link, [], target.template, schedule)
     return Post(
         pid,
         "issue",
         name,
-        issue.subject,
+        subject,
         link,
         summary,
         text,
@@ -214,7 +249,16 @@ def _text(
     # networks; their limits (3,000 / 2,000) are far from a snippet's, so Mastodon's 500 serves.
     rule = network if network in share.NETWORKS else "mastodon"
     limit = schedule.share.mastodon_limit if rule == "mastodon" else None
-    return share.snippet(rule, title, summary, link, categories, template, limit)
+    try:
+        return share.snippet(rule, title, summary, link, categories, template, limit)
+    except share.LinkTooLong as exc:
+        raise _Unpostable(title or link[:80], f"not posted: {exc.reason}") from None
+
+
+def _said(exc: Exception) -> str:
+    # A target's error quotes its URL and its reply, and either may hold a token (Slack and
+    # Discord URLs are one, a receiver may echo ?token=): blanked before it is stored or shown.
+    return redact(str(exc))
 
 
 def post_pending(config: Config, store: Store, name: str) -> list[PostReport]:
@@ -224,7 +268,7 @@ def post_pending(config: Config, store: Store, name: str) -> list[PostReport]:
     for target in {t.to: t for t in schedule.post}.values():
         report = PostReport(target.to)
         reports.append(report)
-        sender = config.senders[target.to]
+        sender = config.sender(target.to)  # its own instance: jobs run in threads at once
         network = str(sender.network)
         fingerprint = hashlib.sha256(sender.options.model_dump_json().encode()).hexdigest()
         disabled = store.target_disabled(target.to, fingerprint)
@@ -235,29 +279,37 @@ def post_pending(config: Config, store: Store, name: str) -> list[PostReport]:
         try:
             with sender:
                 for pid, kind, ref, attempts in store.pending_posts(target.to, name):
-                    item = _post_item(config, store, name, target, kind, ref, network, pid)
+                    try:
+                        item = _post_item(config, store, name, target, kind, ref, network, pid)
+                    except _Unpostable as exc:
+                        # For good: retrying cannot make the link shorter, and it must not hold
+                        # up the items behind it.
+                        store.record_post(target.to, pid, "failed", str(exc))
+                        report.errors.append((exc.title, str(exc)))
+                        continue
                     if item is None:
                         store.record_post(target.to, pid, "failed", "the article is no longer stored")
                         continue
+                    label = item.title or item.link
                     try:
                         where = sender.post(item)
                     except TargetGone as exc:
-                        store.record_post(target.to, pid, "pending", str(exc))
-                        store.disable_target(target.to, str(exc), fingerprint)
-                        report.disabled = str(exc)
+                        store.record_post(target.to, pid, "pending", _said(exc))
+                        store.disable_target(target.to, _said(exc), fingerprint)
+                        report.disabled = _said(exc)
                         break
                     except TemporaryFailure as exc:
                         give_up = attempts + 1 >= schedule.max_attempts
-                        store.record_post(target.to, pid, "failed" if give_up else "pending", str(exc))
-                        report.errors.append((item.title, str(exc)))
+                        store.record_post(target.to, pid, "failed" if give_up else "pending", _said(exc))
+                        report.errors.append((label, _said(exc)))
                     except PermanentFailure as exc:
-                        store.record_post(target.to, pid, "failed", str(exc))
-                        report.errors.append((item.title, str(exc)))
+                        store.record_post(target.to, pid, "failed", _said(exc))
+                        report.errors.append((label, _said(exc)))
                     else:
                         store.record_post(target.to, pid, "sent", "", where)
                         report.posted_now += 1
         except DeliveryError as exc:
-            report.disabled = str(exc) + (f" ({exc.hint})" if exc.hint else "")
+            report.disabled = _said(exc) + (f" ({redact(exc.hint)})" if exc.hint else "")
         counts = store.post_counts(target.to, name)
         report.posted, report.pending, report.failed = counts["sent"], counts["pending"], counts["failed"]
     return reports
@@ -278,6 +330,7 @@ class ArticleSnippets:
     link: str
     snippets: dict[str, tuple[str, int, int]]  # network: (text, its count by that network's rule, limit)
     share_links: list[tuple[str, str]]
+    unfit: dict[str, str] = field(default_factory=dict)  # network: why it has no snippet
 
 
 def newest_snippets(config: Config, store: Store, name: str, limit: int = 5) -> list[ArticleSnippets]:
@@ -290,12 +343,14 @@ def entry_snippets(config: Config, name: str, entries: list[StoredEntry]) -> lis
     schedule = config.schedule(name)
     out = []
     for e in entries:
-        texts = snippets(schedule, name, e.title, html_to_text(e.summary_html), e.link, e.categories, "share")
+        # Title and link go to a terminal and a web page as they are: filtered like the email's.
+        title, link, summary = one_line(e.title), web_link(e.link), printable(html_to_text(e.summary_html))
+        texts, unfit = snippets(schedule, name, title, summary, link, e.categories, "share")
         counted = {}
         for network, text in texts.items():
             cap = schedule.share.mastodon_limit if network == "mastodon" else share.NETWORKS[network].limit
             counted[network] = (text, share.count(network, text), cap)
-        art = Article(e.title, e.link, Markup(""), "", "", e.published, "", e.categories, "")
+        art = Article(title, link, Markup(""), summary, "", e.published, "", e.categories, "")
         decorate(art, schedule, name, 0)
-        out.append(ArticleSnippets(e.title, e.link, counted, art.share_links))
+        out.append(ArticleSnippets(title, link, counted, art.share_links, unfit))
     return out

@@ -63,6 +63,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
@@ -73,6 +74,8 @@ from pydantic import Field, model_validator
 
 from .. import __version__
 from ..errors import DeliveryError, PermanentFailure, TargetGone, TemporaryFailure
+from ..redact import redact, remember
+from ..sanitize import one_line, printable, web_link
 from . import Post, Sender, SenderOptions
 
 Format = Literal["json", "slack", "discord", "mastodon", "bluesky"]
@@ -185,7 +188,9 @@ def slack_escape(text: str) -> str:
 
 def _slack_link(url: str, label: str) -> str:
     # "|" ends the URL part of <url|label>; percent-encoding it keeps the link intact.
-    return f"<{slack_escape(url).replace('|', '%7C')}|{slack_escape(label)}>"
+    if not url:
+        return slack_escape(label)  # an article without a usable link is named, not linked
+    return f"<{slack_escape(url).replace('|', '%7C')}|{slack_escape(label or url)}>"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -232,6 +237,31 @@ def bluesky_facets(text: str, link: str, hashtags: tuple[str, ...] = ()) -> list
             )
     facets.sort(key=lambda f: f["index"]["byteStart"])
     return facets
+
+
+def clean_post(item: Post) -> Post:
+    """``item`` as a receiver may safely show it: every URL an http(s) one or "" (the filter the
+    email uses: no javascript:, data: or CR/LF), no control character in any text (the post's
+    text keeps its line breaks).
+
+    An article whose link is blanked goes out without a link: the email shows it the same way,
+    and its text still says what was published.
+    """
+    link = web_link(item.link)
+    text = item.text
+    if item.link.strip() and not link:
+        text = text.replace(item.link.strip(), "").strip()  # a link we blanked is no link in the text
+    text = "\n".join(printable(line) for line in text.replace("\r\n", "\n").split("\n"))
+    return replace(
+        item,
+        title=one_line(item.title),
+        link=link,
+        summary=one_line(item.summary),
+        text=text,
+        hashtags=tuple(one_line(t) for t in item.hashtags),
+        image_url=web_link(item.image_url),
+        articles=tuple((one_line(t), web_link(a_link)) for t, a_link in item.articles),
+    )
 
 
 # --- The payloads, one builder per format -----------------------------------------------------
@@ -367,6 +397,7 @@ class WebhookSender(Sender):
 
     def post(self, item: Post) -> str:
         self.open()  # post() also works outside open()/close(), e.g. from a test or a REPL
+        item = clean_post(item)  # whoever built the item, what goes out is filtered
         fmt = self.options.format
         if fmt == "json":
             return self._post_json(item)
@@ -485,6 +516,7 @@ class WebhookSender(Sender):
                 f"sender {self.name!r}: environment variable {name} is not set",
                 hint=f"export {name}=... with {what}; secrets never go into the configuration file",
             )
+        remember(value)  # a receiver may echo it back in an error; it must not reach a log
         return value
 
     def _secret(self) -> bytes:
@@ -508,6 +540,9 @@ class WebhookSender(Sender):
 
         Returns the final response whatever its status: the caller decides (see ``_accept``).
         """
+        # Imported here: the import block above belongs to the formats, this to the wire.
+        from .. import transport
+
         assert self._http is not None
         opts = self.options
         problem = ""
@@ -516,11 +551,19 @@ class WebhookSender(Sender):
             headers, body = build()
             backoff = 2.0 ** (attempt - 1)  # 1 s, 2 s, 4 s...
             try:
-                resp = self._http.post(
-                    url, data=body, headers=headers, timeout=opts.timeout, allow_redirects=False
+                # One deadline for connect, headers and body: a receiver that trickles its
+                # answer cannot hold the run for longer than opts.timeout per attempt.
+                resp = transport.request(
+                    self._http,
+                    "POST",
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=opts.timeout,
+                    allow_redirects=False,
                 )
             except requests.Timeout:
-                problem = f"no answer within {opts.timeout:g} s"
+                problem = f"no full answer within {opts.timeout:g} s"
                 wait = backoff
             except requests.RequestException as exc:
                 problem = f"cannot connect: {self._scrub(str(exc))}"
@@ -550,7 +593,7 @@ class WebhookSender(Sender):
         if 200 <= status < 300:
             return resp
         if 300 <= status < 400:
-            location = resp.headers.get("Location", "(no Location)")
+            location = self._scrub(printable(resp.headers.get("Location", "(no Location)")))
             raise PermanentFailure(
                 f"{where}: {status} redirect to {location}, not followed;"
                 " put the new URL in the configuration"
@@ -602,19 +645,28 @@ class WebhookSender(Sender):
 
     def _where(self, url: str) -> str:
         # Slack, Discord and many JSON receivers carry their secret in the URL path: show the host.
+        # user:password@ is a secret in any format.
         parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
         if self.options.format in ("mastodon", "bluesky"):
-            return urlunsplit(parts._replace(query="", fragment=""))
-        return f"{parts.scheme}://{parts.netloc}/…"
+            return urlunsplit(parts._replace(netloc=host, query="", fragment=""))
+        return f"{parts.scheme}://{host}/…"
 
     def _scrub(self, text: str) -> str:
+        """``text`` (an error, a reply) without this target's secrets: the credential parts of
+        its URL and whatever ``redact`` knows (env secrets, ?token=, webhook paths)."""
         parts = urlsplit(self.url)
-        if self.options.format not in ("mastodon", "bluesky") and parts.path not in ("", "/"):
-            text = text.replace(parts.path, "/…")
-        return text
+        if parts.password:
+            text = text.replace(parts.password, "***")
+        if self.options.format not in ("mastodon", "bluesky"):
+            if parts.path not in ("", "/"):
+                text = text.replace(parts.path, "/…")
+            if parts.query:
+                text = text.replace(parts.query, "…")
+        return redact(text)
 
     def _excerpt(self, resp: requests.Response) -> str:
-        return self._scrub(_clip(" ".join(resp.text.split()), EXCERPT))
+        return self._scrub(_clip(printable(" ".join(resp.text.split())), EXCERPT))
 
 
 def _static(payload: dict[str, Any], headers: dict[str, str] | None = None) -> Build:
