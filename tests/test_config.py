@@ -15,6 +15,7 @@ senders:
     type: smtp
     host: ${SMTP_HOST}
     port: 2525
+    starttls: true
     username: news@example.net
     password_env: SMTP_PASSWORD
 schedules:
@@ -149,3 +150,29 @@ def test_a_feed_may_carry_its_own_polling_interval(folder: Path) -> None:
     assert config.feed_interval((folder / "feeds" / "a.xml").as_uri()) == timedelta(minutes=15)
     bad = text.replace("interval: 2h", "interval: often")
     assert "not a duration: 'often'" in error(folder, bad)
+
+
+def test_each_run_gets_its_own_sender_and_the_config_holds_none_that_is_live(folder: Path) -> None:
+    from newsletter.senders import Sender
+    from newsletter.senders.smtp import SmtpSender
+
+    config = load(folder, GOOD)
+    # Threads of the daemon and the web apps share one Config; a shared live sender mixed up
+    # two runs' SMTP conversations.
+    assert not any(isinstance(s, Sender) for s in config.senders.values())
+    first, second = config.sender("mail"), config.sender("mail")
+    assert isinstance(first, SmtpSender) and isinstance(second, SmtpSender)
+    assert first is not second and first.options is not second.options
+    assert first.options.host == second.options.host == "mail.example.net"
+    with pytest.raises(ConfigError, match="no sender named 'post'") as info:
+        config.sender("post")
+    assert str(folder / "schedules.yaml") in str(info.value)
+
+
+def test_the_digest_fetch_deadline_is_a_setting(folder: Path) -> None:
+    assert load(folder, GOOD).settings.fetch.digest_timeout == 5
+    config = load(folder, "fetch:\n  digest_timeout: 1.5\n" + GOOD)
+    assert config.settings.fetch.digest_timeout == 1.5
+    assert "fetch.digest_timeout: Input should be greater than 0" in error(
+        folder, "fetch:\n  digest_timeout: 0\n" + GOOD
+    )

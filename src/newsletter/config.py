@@ -17,8 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .redact import redact, remember
 from .schedule import parse_duration, parse_when, zone
-from .senders import Sender, sender_names, sender_type
+from .senders import Sender, SenderSpec, sender_names, sender_type
 
 if TYPE_CHECKING:
     from apscheduler.triggers.base import BaseTrigger
@@ -33,6 +34,9 @@ class Strict(BaseModel):
 
 class FetchSettings(Strict):
     timeout: float = Field(20.0, gt=0, description="seconds for the whole download of one feed")
+    # The daemon pulls a schedule's feeds again right before it builds a digest, so an entry
+    # from a minute ago is in it; a feed slower than this is used as stored, not waited for.
+    digest_timeout: float = Field(5.0, gt=0, description="seconds for that pull, all feeds at once")
     max_bytes: int = Field(10_000_000, gt=0, description="a larger feed is refused")
     user_agent: str = "newsletter/0.1 (+https://github.com/newsletter/newsletter)"
     # Fetching waits on the network, not the CPU: many at once keep a round short.
@@ -145,6 +149,8 @@ class Schedule(Strict):
     utm: UtmSettings | None = None  # no tags unless asked for
     post: list[PostTarget] = []
     post_every: str | int = "5m"  # how often the daemon posts new articles
+    # Past issues appear on the public /archive/ only when asked for: a list may be private.
+    archive: bool = False
 
     @field_validator("misfire_grace", "retry_every", "post_every")
     @classmethod
@@ -209,11 +215,24 @@ class Settings(Strict):
 class Config:
     """A validated configuration with paths resolved against its own folder."""
 
-    def __init__(self, path: Path, settings: Settings, senders: dict[str, Sender]) -> None:
+    def __init__(self, path: Path, settings: Settings, senders: dict[str, SenderSpec]) -> None:
         self.path = path
         self.base_dir = path.parent
         self.settings = settings
+        # Inert descriptions only: a Config is shared by every thread of the daemon and the
+        # web apps, and a live sender (a socket, a session) must belong to one run.
         self.senders = senders
+
+    def sender(self, name: str) -> Sender:
+        """A new instance of the sender ``name``, for one run; close it when done (``with``)."""
+        try:
+            spec = self.senders[name]
+        except KeyError:
+            known = ", ".join(self.senders) or "none"
+            raise ConfigError(
+                f"{self.path}: no sender named {name!r}", hint=f"known senders: {known}"
+            ) from None
+        return spec.build()
 
     @property
     def schedules(self) -> dict[str, Schedule]:
@@ -291,6 +310,8 @@ def _interpolate(node: Any, where: str, path: Path) -> Any:
                     f"{path}: {where}: environment variable {var} is not set",
                     hint=f"export {var}=... before running, or remove the reference",
                 )
+            # Whatever came from the environment may be a secret: no message may show it.
+            remember(os.environ[var])
             return os.environ[var]
 
         return _ENV_REF.sub(sub, node)
@@ -306,8 +327,17 @@ def _describe(exc: ValidationError, path: Path, prefix: str = "") -> str:
             "extra_forbidden": "unknown key",
             "missing": "missing required key",
         }.get(err["type"], err["msg"])
-        lines.append(f"{path}: {loc}: {msg}")
+        lines.append(f"{path}: {loc}: {_without_input(msg, err.get('input'))}")
     return "\n".join(lines)
+
+
+def _without_input(msg: str, value: Any) -> str:
+    """A validator's message without the refused value when that value holds a secret (it
+    came from ${VAR}, or carries URL credentials): the file and key already say where it is.
+    A value typed into the file is shown; the user has it in front of them anyway."""
+    if isinstance(value, str) and value and redact(value) != value:
+        msg = msg.replace(repr(value), "(value not shown: it holds a secret)")
+    return redact(msg)
 
 
 def _check_snippet_templates(path: Path, name: str, schedule: Schedule) -> list[str]:
@@ -351,7 +381,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(_describe(exc, path)) from None
 
     known = sender_names()
-    senders: dict[str, Sender] = {}
+    senders: dict[str, SenderSpec] = {}
     problems = []
     for name, options in settings.senders.items():
         options = dict(options or {})
@@ -365,7 +395,11 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             continue
         cls = sender_type(kind)
         try:
-            senders[name] = cls(name, cls.Options.model_validate(options), path.parent)
+            spec = SenderSpec(name, cls, cls.Options.model_validate(options), path.parent)
+            # Built once here, and thrown away, so a plugin that checks more in __init__
+            # still fails at load time, naming the file and the key.
+            spec.build()
+            senders[name] = spec
         except ValidationError as exc:
             problems.append(_describe(exc, path, f"senders.{name}."))
 

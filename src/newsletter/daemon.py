@@ -1,8 +1,10 @@
 """``newsletter run``: the schedules in schedules.yaml, run by APScheduler until told to stop.
 
-Three kinds of job: one poller that fetches each feed when it is due (so a digest is built
-from entries already stored and a slow feed never delays a send), one digest job per
-schedule with a ``when:``, and one retry job per schedule for deliveries a server deferred.
+Three kinds of job: one poller that fetches each feed when it is due, one digest job per
+schedule with a ``when:`` (which pulls its own feeds first, for ``fetch.digest_timeout``
+seconds at most, so a slow feed is used as stored and never delays a send), and one retry
+job per schedule for deliveries a server deferred. Jobs run in threads at once: each opens
+its own Store and its own sender instances, and shares nothing live with the others.
 SIGTERM/SIGINT stop between two messages and exit 0; SIGHUP rereads the configuration and
 keeps the old one when the new one is bad.
 """
@@ -24,6 +26,8 @@ from . import digest, social
 from .config import Config, load_config
 from .errors import BusyError, NewsletterError
 from .feeds import fetch_all
+from .redact import redact
+from .sanitize import printable
 from .schedule import missed_run, parse_duration
 from .store import Store
 
@@ -42,14 +46,24 @@ class _Formatter(logging.Formatter):
         self.as_json = as_json
 
     def format(self, record: logging.LogRecord) -> str:
+        # Titles, server replies and errors come from feeds and servers: a CR/LF in one would
+        # forge a log line, an ESC would drive the terminal, a token in a URL would leak.
         stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="seconds")
         fields = {k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)}
         if self.as_json:
+            # json.dumps escapes every control character; only the secrets need blanking.
+            values = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
             return json.dumps(
-                {"time": stamp, "level": record.levelname.lower(), "message": record.getMessage(), **fields}
+                {
+                    "time": stamp,
+                    "level": record.levelname.lower(),
+                    "message": redact(record.getMessage()),
+                    **values,
+                }
             )
         pairs = " ".join(f"{k}={v}" for k, v in fields.items())
-        return f"{stamp} {record.levelname:<7} {pairs} {record.getMessage()}".rstrip()
+        line = f"{stamp} {record.levelname:<7} {pairs} {record.getMessage()}"
+        return printable(redact(line)).rstrip()
 
 
 def setup_logging(log_format: str) -> None:
@@ -88,13 +102,11 @@ class Daemon:
                 return
             fs = config.settings.fetch
             new = errors = 0
-            for result in fetch_all(due, fs):
-                new += store.record_fetch(
-                    result, first_newest=fs.first_fetch_newest, first_days=fs.first_fetch_days
-                )
-                if result.status == "error":
+            for report in (digest.record_feed(store, result, fs) for result in fetch_all(due, fs)):
+                new += report.new
+                if report.status == "error":
                     errors += 1
-                    log.warning(result.error, extra={"event": "feed-error"})
+                    log.warning(report.error, extra={"event": "feed-error"})
             log.info("polled feeds", extra={"event": "poll", "feeds": len(due), "new": new, "errors": errors})
         finally:
             store.close()
@@ -105,14 +117,29 @@ class Daemon:
         config = self.config
         store = Store(config.database_url)
         try:
+            # A digest pulls its own feeds first (the poller's clock may be 15 minutes off), but
+            # only for a few seconds: a slow feed is used as stored, never waited for.
             report = digest.send_digest(
-                config, store, name, fetch_feeds=False, build=build, wait=LOCK_WAIT, stop=self.stop
+                config,
+                store,
+                name,
+                fetch_feeds=build,
+                fetch_timeout=config.settings.fetch.digest_timeout,
+                build=build,
+                wait=LOCK_WAIT,
+                stop=self.stop,
             )
         except BusyError as exc:
             log.warning(str(exc), extra={"event": "busy", "schedule": name})
             return
         finally:
             store.close()
+        for feed in report.feeds:
+            if feed.status == "error":
+                log.warning(
+                    f"{feed.error}; the digest uses the entries already stored",
+                    extra={"event": "feed-error", "schedule": name},
+                )
         for warning in report.warnings:
             log.warning(warning, extra={"event": "warning", "schedule": name})
         for item in report.issues:
@@ -163,14 +190,17 @@ class Daemon:
             if r.disabled:
                 log.error(f"{r.target}: {r.disabled}", extra={"event": "target-disabled", "schedule": name})
 
-    def _job(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+    def _job(self, job: str, func: Any, *args: Any, **kwargs: Any) -> Any:
         def run() -> None:
             try:
                 func(*args, **kwargs)
             except NewsletterError as exc:
-                log.error(f"{exc}" + (f" ({exc.hint})" if exc.hint else ""), extra={"event": "job-error"})
-            except Exception:  # a job that fails must not take the daemon with it
-                log.exception("job failed", extra={"event": "job-error"})
+                hint = f" ({exc.hint})" if exc.hint else ""
+                log.error(f"job {job}: {exc}{hint}", extra={"event": "job-error"})
+            except Exception as exc:  # a job that fails must not take the daemon with it
+                # One line, no traceback: the cause is what an operator can act on, and a
+                # traceback's lines would not be one event any more.
+                log.error(f"job {job} failed: {_cause(exc)}", extra={"event": "job-error"})
 
         return run
 
@@ -185,7 +215,7 @@ class Daemon:
         )
         tick = min(POLL_TICK, shortest)
         self.scheduler.add_job(
-            self._job(self.poll_feeds),
+            self._job("poll", self.poll_feeds),
             IntervalTrigger(seconds=tick.total_seconds(), timezone=UTC),
             id="poll",
             max_instances=1,
@@ -199,7 +229,7 @@ class Daemon:
                 grace = parse_duration(schedule.misfire_grace)
                 retry = parse_duration(schedule.retry_every)
                 self.scheduler.add_job(
-                    self._job(self.send, name, build=False),
+                    self._job(f"retry:{name}", self.send, name, build=False),
                     IntervalTrigger(seconds=retry.total_seconds()),
                     id=f"retry:{name}",
                     max_instances=1,
@@ -208,7 +238,7 @@ class Daemon:
                 if any(t.each == "article" for t in schedule.post):
                     every = parse_duration(schedule.post_every)
                     self.scheduler.add_job(
-                        self._job(self.post, name),
+                        self._job(f"post:{name}", self.post, name),
                         IntervalTrigger(seconds=every.total_seconds()),
                         id=f"post:{name}",
                         max_instances=1,
@@ -218,7 +248,7 @@ class Daemon:
                 if trigger is None:
                     continue
                 self.scheduler.add_job(
-                    self._job(self.send, name),
+                    self._job(f"digest:{name}", self.send, name),
                     trigger,
                     id=f"digest:{name}",
                     max_instances=1,
@@ -231,7 +261,9 @@ class Daemon:
                         f"catching up the digest due at {catch_up:%Y-%m-%d %H:%M} UTC",
                         extra={"event": "catch-up", "schedule": name},
                     )
-                    self.scheduler.add_job(self._job(self.send, name), id=f"catch-up:{name}")
+                    self.scheduler.add_job(
+                        self._job(f"catch-up:{name}", self.send, name), id=f"catch-up:{name}"
+                    )
                 elif skipped:
                     log.warning(
                         f"skipped the digest due at {skipped:%Y-%m-%d %H:%M} UTC: missed by more than"
@@ -255,8 +287,14 @@ class Daemon:
         except NewsletterError as exc:
             log.error(f"kept the old configuration: {exc}", extra={"event": "reload-failed"})
             return
-        self.config = config
-        self.schedule_jobs()
+        old, self.config = self.config, config
+        try:
+            self.schedule_jobs()
+        except Exception as exc:  # the database locked, say: run on with what worked before
+            log.error(f"kept the old configuration: {_cause(exc)}", extra={"event": "reload-failed"})
+            self.config = old
+            self.schedule_jobs()
+            return
         log.info("configuration reloaded", extra={"event": "reload"})
 
     def _mtime(self) -> float:
@@ -294,3 +332,7 @@ class Daemon:
 
 def _ts(value: str) -> datetime:
     return datetime.fromisoformat(value)
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {exc}"

@@ -7,6 +7,7 @@ as soon as its outcome is known, so a rerun after a crash carries on where the l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -16,12 +17,12 @@ from datetime import datetime
 from email.utils import parseaddr
 from typing import TYPE_CHECKING
 
-from .config import Config, Schedule
-from .errors import ConfigError, DeliveryError, PermanentFailure, TemporaryFailure
-from .feeds import fetch_all
+from .config import Config, FetchSettings, Schedule
+from .errors import ConfigError, DeliveryError, PermanentFailure, StoreError, TemporaryFailure
+from .feeds import FetchResult, fetch_all
 from .locks import ScheduleLock
 from .message import Recipient, Skeleton
-from .sanitize import web_link
+from .sanitize import one_line, web_link
 from .schedule import zone
 from .senders import Outgoing, Sender
 from .senders.file import FileOptions, FileSender
@@ -78,7 +79,9 @@ class DigestReport:
         return not self.aborted and not any(i.failed or i.pending for i in self.issues)
 
 
-def fetch(config: Config, store: Store, names: list[str] | None = None) -> list[FeedReport]:
+def fetch(
+    config: Config, store: Store, names: list[str] | None = None, settings: FetchSettings | None = None
+) -> list[FeedReport]:
     """Poll the feeds of the named schedules (all by default) and store new entries."""
     urls: list[str] = []
     for name in names or list(config.schedules):
@@ -86,12 +89,29 @@ def fetch(config: Config, store: Store, names: list[str] | None = None) -> list[
             url = config.feed_url(feed)
             if url not in urls:
                 urls.append(url)
-    fs = config.settings.fetch
+    fs = settings or config.settings.fetch
     reports = []
     for result in fetch_all([store.feed_state(u) for u in urls], fs):
-        new = store.record_fetch(result, first_newest=fs.first_fetch_newest, first_days=fs.first_fetch_days)
-        reports.append(FeedReport(result.url, result.status, new, result.error, result.warning))
+        reports.append(record_feed(store, result, fs))
     return reports
+
+
+def record_feed(store: Store, result: FetchResult, fs: FetchSettings) -> FeedReport:
+    """Store one feed's fetch in its own transaction: what one feed's data breaks is its own
+    error, and the other feeds are stored all the same."""
+    newest, days = fs.first_fetch_newest, fs.first_fetch_days
+    try:
+        new = store.record_fetch(result, first_newest=newest, first_days=days)
+    except StoreError:
+        raise  # the database itself is unusable: no feed can be stored, say so once
+    except Exception as exc:
+        cause = f"{exc.__class__.__name__}: {one_line(str(exc))}"
+        error = f"{result.url}: cannot store what the feed sent: {cause}"
+        failed = FetchResult(result.url, "error", error=error, fetch_url=result.fetch_url)
+        with contextlib.suppress(Exception):
+            store.record_fetch(failed, first_newest=newest, first_days=days)  # for `status`
+        return FeedReport(result.url, "error", 0, error)
+    return FeedReport(result.url, result.status, new, result.error, result.warning)
 
 
 def _list_id(name: str, schedule: Schedule) -> str:
@@ -104,12 +124,21 @@ def _list_id(name: str, schedule: Schedule) -> str:
 class _Run:
     """One send-digest run of one schedule: what every step needs, worked out once."""
 
-    def __init__(self, config: Config, store: Store, name: str, progress: Progress | None) -> None:
+    def __init__(
+        self, config: Config, store: Store, name: str, progress: Progress | None, *, sync_list: bool = True
+    ) -> None:
         self.config, self.store, self.name = config, store, name
         self.schedule = config.schedule(name)
         self.progress = progress
         self.list_name = self.schedule.subscribers
-        self.subscribers: SubscriberList = sync(store, self.list_name, config.subscribers_path(self.schedule))
+        path = config.subscribers_path(self.schedule)
+        if sync_list:
+            self.subscribers: SubscriberList = sync(store, self.list_name, path)
+        else:
+            # Read-only callers (archive, preview, status) use the copy the last send read: a
+            # CSV broken since then must not take the archive down, and a look writes nothing.
+            cached = store.subscriber_source(self.list_name)
+            self.subscribers = SubscriberList(self.list_name, path, cached[1] if cached else [])
         secret = os.environ.get("NEWSLETTER_SECRET") or store.secret("unsubscribe")
         self.tokens = UnsubscribeTokens(secret)
         self.feed_urls = [config.feed_url(f) for f in self.schedule.feeds]
@@ -129,12 +158,13 @@ class _Run:
         from .render import RenderedIssue
 
         payload = dict(issue.payload)
-        date = datetime.fromisoformat(payload.pop("date"))
+        # The issue's date is what its text says; each message's Date header is stamped when it
+        # is built for sending, so a retry hours later does not look backdated.
+        payload.pop("date")
         return Skeleton(
             RenderedIssue.from_payload(payload),
             from_addr=self.schedule.from_,
             reply_to=self.schedule.reply_to,
-            date=date,
             list_id=_list_id(self.name, self.schedule),
             list_name=self.schedule.title or self.name,
             id_seed=f"{self.name}:{issue.number}:{issue.created_at.isoformat()}",
@@ -270,6 +300,7 @@ def send_digest(
     to: str | None = None,
     force: bool = False,
     fetch_feeds: bool = True,
+    fetch_timeout: float | None = None,
     build: bool = True,
     wait: float = 0.0,
     stop: threading.Event | None = None,
@@ -280,8 +311,9 @@ def send_digest(
 
     ``dry_run`` writes every message to the outbox and changes no state; ``to`` sends the next
     issue to one address through the schedule's sender, outside the ledger. The daemon passes
-    ``fetch_feeds=False`` (it polls feeds on their own clock), ``build=False`` for its retry
-    runs, and ``stop``, which ends the send between two messages, the rest left pending.
+    ``fetch_timeout`` (a feed slower than that is used as stored, and named in ``feeds``),
+    ``build=False`` for its retry runs, and ``stop``, which ends the send between two
+    messages, the rest left pending.
     Another process sending the same schedule is waited for ``wait`` seconds, then BusyError.
     ``on_issue`` is told how many messages an issue is about to send (for a progress bar).
     """
@@ -301,7 +333,10 @@ def send_digest(
     report = DigestReport(name, warnings=list(run.subscribers.problems))
     if fetch_feeds:
         # Fetching needs no lock: entries are keyed, and a second process only finds them known.
-        report.feeds = fetch(config, store, [name])
+        fs = config.settings.fetch
+        if fetch_timeout is not None:
+            fs = fs.model_copy(update={"timeout": min(fs.timeout, fetch_timeout)})
+        report.feeds = fetch(config, store, [name], fs)
     with ScheduleLock(config.database_url, store, name, wait, stop):
         if build:
             store.set_last_run(name, now())
@@ -313,7 +348,7 @@ def send_digest(
             from . import social
 
             social.queue_issue(config, store, name, built.number, built.id)
-        _deliver_all(run, report, config.senders[run.schedule.sender], issues, on_issue)
+        _deliver_all(run, report, config.sender(run.schedule.sender), issues, on_issue)
         if any(t.each == "issue" for t in run.schedule.post):
             from . import social
 
@@ -354,7 +389,7 @@ def _deliver_all(
 def _preview(run: _Run, report: DigestReport, force: bool, to: str | None) -> None:
     """--dry-run and --to: run inside a transaction that is rolled back afterwards."""
     if to:
-        _test_send(run, report, run.config.senders[run.schedule.sender], to, force)
+        _test_send(run, report, run.config.sender(run.schedule.sender), to, force)
         return
     outbox = run.config.outbox / "dry-run"
     report.outbox = str(outbox)
@@ -444,7 +479,7 @@ def _local(when: datetime | None, config: Config, name: str) -> datetime | None:
 
 
 def schedule_status(config: Config, store: Store, name: str, last: int = 5) -> ScheduleStatus:
-    run = _Run(config, store, name, None)
+    run = _Run(config, store, name, None, sync_list=False)
     waiting = store.new_entries(run.feed_urls, store.watermark(name), store.max_entry_id(), 10_000)
     trigger = config.trigger(name)
     return ScheduleStatus(

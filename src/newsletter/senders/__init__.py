@@ -98,6 +98,34 @@ class Sender:
         self.close()
 
 
+@dataclass(frozen=True)
+class SenderSpec:
+    """A sender as schedules.yaml declares it: its class and validated options, nothing open.
+
+    Jobs of the daemon and requests of the web apps run in threads at the same time; one
+    shared instance holds one connection, and two runs on it interleave their SMTP commands
+    (``503 nested MAIL command``) or find it closed under them. So the configuration keeps
+    only this, and every run builds its own instance.
+    """
+
+    name: str
+    cls: type[Sender]
+    options: SenderOptions
+    base_dir: Path
+
+    @property
+    def mails(self) -> bool:
+        return self.cls.mails
+
+    @property
+    def posts(self) -> bool:
+        return self.cls.posts
+
+    def build(self) -> Sender:
+        """A fresh instance with options of its own (a plugin may change them as it runs)."""
+        return self.cls(self.name, self.options.model_copy(deep=True), self.base_dir)
+
+
 @cache
 def _registered() -> tuple[EntryPoint, ...]:
     # Scanning every installed distribution's metadata takes ~10 ms: once per process.
