@@ -62,8 +62,11 @@ def _articles(store: Store, issue: Issue) -> list[dict[str, Any]]:
 
 
 def next_issue(config: Config, store: Store, name: str, address: str | None = None) -> Preview | None:
-    """The next issue of ``name`` as ``address`` (default: the first subscriber) would get it."""
-    run = digest._Run(config, store, name, None)
+    """The next issue of ``name`` as ``address`` (default: the first subscriber) would get it.
+
+    The subscriber list is the copy the last send or ``check`` read: a look reads no CSV.
+    """
+    run = digest._Run(config, store, name, None, sync_list=False)
     draft = run.draft(force=False)
     is_new = draft is not None
     if draft is None:
@@ -92,7 +95,7 @@ def sent_issue(config: Config, store: Store, name: str, number: int) -> Preview:
     if not found:
         raise ConfigError(f"{name} has no issue #{number}")
     issue = found[0]
-    run = digest._Run(config, store, name, None)
+    run = digest._Run(config, store, name, None, sync_list=False)
     # The archive is public: no address and no working unsubscribe link in it.
     blank = {f: "" for f in issue.payload["fields"]}
     recipient = Recipient("archive@example.com", "", {**blank, "unsubscribe_url": "#"})
@@ -154,22 +157,30 @@ def fingerprint(config: Config) -> str:
 
 
 def export_archive(config: Config, store: Store, name: str, out: Path) -> list[Path]:
-    """Static archive pages of a schedule's issues, for any web server to publish."""
+    """Static archive pages of a schedule's issues, for any web server to publish.
+
+    What it creates is private (folders 0700, pages 0600), like everything the tool writes:
+    publishing is a deliberate step (copy them, or grant the web server's group access).
+    """
     from html import escape
 
+    from .files import private_dir, write_private
+
     config.schedule(name)
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)
     written, items = [], []
     for issue in store.issues(name, limit=100_000):
         page = out / f"{issue.number}.html"
-        page.write_text(sent_issue(config, store, name, issue.number).html, encoding="utf-8")
+        write_private(page, sent_issue(config, store, name, issue.number).html.encode("utf-8"))
         written.append(page)
         items.append(f'<li><a href="{issue.number}.html">#{issue.number}</a> {escape(issue.subject)}</li>')
     title = escape(config.schedule(name).title or name)
     index = out / "index.html"
-    index.write_text(
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>'
-        f"<body><h1>{title}</h1><ul>{''.join(items)}</ul></body></html>\n",
-        encoding="utf-8",
+    write_private(
+        index,
+        (
+            f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>'
+            f"<body><h1>{title}</h1><ul>{''.join(items)}</ul></body></html>\n"
+        ).encode(),
     )
     return [index, *written]

@@ -3,26 +3,53 @@
 ``create_public_app`` is what ``newsletter serve`` runs and what any WSGI server can mount
 (``waitress-serve --call newsletter.web:create_public_app``); ``create_preview_app`` is
 ``newsletter preview``, meant for 127.0.0.1 only.
+
+Only a POST changes anything. The public app trusts nothing but the signed token in the URL;
+the preview, which shows every address and can send mail, also refuses requests that name
+another host (DNS rebinding) or come from another site (CSRF), and sends few test copies.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
+import math
 import os
+import secrets
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, jsonify, render_template, request
+from flask import Flask, Response, abort, g, jsonify, render_template, request
 
 from . import digest, preview, render, social
 from .config import Config, load_config
-from .errors import NewsletterError
+from .errors import ConfigError, NewsletterError
+from .redact import redact
 from .store import Store
-from .subscribers import sync
+from .subscribers import _checker, fingerprint
 from .tokens import TokenError, UnsubscribeTokens
 
 TEMPLATES = Path(__file__).parent / "web_templates"
+log = logging.getLogger(__name__)
+
+# An RFC 8058 body is 26 bytes and the test-send form one address: a larger body is refused
+# (413) before it is parsed, under any WSGI server. ``newsletter serve`` also caps what
+# waitress buffers (by default 1 GB, chunked bodies included) before the app sees a byte; a
+# little above the app's cap, so an ordinary 413 still comes from the app, with its headers.
+MAX_BODY = 4096
+WAITRESS_LIMITS: dict[str, Any] = {"max_request_body_size": 16 * MAX_BODY}
+
+# Test copies go through the real sender: a page left open, or a script, must not turn the
+# preview into a relay.
+TEST_SENDS_PER_MINUTE = 5
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class _State:
@@ -57,17 +84,71 @@ class _State:
         return Store(self.config.database_url)
 
 
+# -- headers every response carries -----------------------------------------------------------
+
+# App pages: nothing but their own nonce'd <style> (and, in the preview, <script>), forms that
+# post back here, and (preview) frames of its own emails and the reload poll.
+_PAGE_CSP = "default-src 'none'; style-src {nonce}; form-action 'self'; base-uri 'none'"
+_PREVIEW_CSP = (
+    "default-src 'none'; style-src {nonce}; script-src {nonce};"
+    " connect-src 'self'; frame-src 'self'; form-action 'self'; base-uri 'none'"
+)
+# An email: what a mail client allows, inline styles and https images; nothing runs or posts.
+_EMAIL_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src https:; form-action 'none'; base-uri 'none'"
+)
+
+
+def _page(kind: str) -> None:
+    """Mark the response: "email" (an email's HTML) or "archive" (public, cacheable)."""
+    g.kind = kind
+
+
+def _headers(app: Flask, page_csp: str, email_ancestors: str, referrer: str = "no-referrer") -> None:
+    @app.before_request
+    def nonce() -> None:
+        g.nonce = secrets.token_urlsafe(16)
+
+    @app.context_processor
+    def csp_nonce() -> dict[str, Any]:
+        return {"csp_nonce": g.get("nonce", "")}
+
+    @app.after_request
+    def secure(response: Response) -> Response:
+        kind = g.get("kind", "page")
+        framed = kind in ("email", "archive")
+        ancestors = email_ancestors if framed else "'none'"
+        nonce = g.get("nonce")
+        policy = _EMAIL_CSP if framed else page_csp.format(nonce=f"'nonce-{nonce}'" if nonce else "'none'")
+        response.headers["Content-Security-Policy"] = f"{policy}; frame-ancestors {ancestors}"
+        response.headers["X-Frame-Options"] = "SAMEORIGIN" if ancestors == "'self'" else "DENY"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = referrer
+        if kind != "archive":
+            # Unsubscribe pages and every preview page show addresses; no cache may keep them.
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+
 def _app(name: str) -> Flask:
     app = Flask(name, template_folder=str(TEMPLATES))
     app.jinja_env.autoescape = True
-
-    @app.errorhandler(NewsletterError)
-    def error(exc: NewsletterError) -> tuple[str, int]:
-        return render_template(
-            "message.html", title="Something is wrong", message=str(exc), hint=exc.hint
-        ), 500
-
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["MAX_FORM_MEMORY_SIZE"] = MAX_BODY
     return app
+
+
+def _limit_bodies(app: Flask) -> None:
+    """Registered after the other checks: a refused request is not read at all."""
+
+    @app.before_request
+    def streamed_body() -> None:
+        # A body without Content-Length (chunked) is read only up to MAX_CONTENT_LENGTH, and
+        # werkzeug would parse that truncated prefix as the whole form: look one byte past the
+        # cap, which raises 413 when the body goes on.
+        if request.content_length is None and request.method not in SAFE_METHODS:
+            request.get_data(cache=True)
+            request.stream.read(1)
 
 
 def _tokens(state: _State, store: Store) -> UnsubscribeTokens:
@@ -79,50 +160,58 @@ def _list_titles(config: Config, list_name: str) -> str:
     return ", ".join(titles) or list_name
 
 
+def _message(title: str, message: str, hint: str, status: int) -> tuple[str, int]:
+    return render_template("message.html", title=title, message=message, hint=hint), status
+
+
 def _public_routes(app: Flask, state: _State) -> None:
     @app.route("/unsubscribe/<token>", methods=["GET", "POST"])
     def unsubscribe(token: str) -> tuple[str, int]:
+        # Parsed first, so a body over the cap is a 413 before anything else happens.
+        one_click = request.method == "POST" and request.form.get("List-Unsubscribe") == "One-Click"
         config = state.config
         with state.store() as store:
             try:
                 list_name, address = _tokens(state, store).read(token, config.settings.unsubscribe_link_days)
             except TokenError as exc:
                 # Forged, tampered or expired: refused, and nothing changes.
-                return render_template(
-                    "message.html",
-                    title="Link not valid",
-                    message=str(exc),
-                    hint="Use the link in a more recent email.",
-                ), 400
+                return _message("Link not valid", str(exc), "Use the link in a more recent email.", 400)
             title = _list_titles(config, list_name)
-            if request.method == "GET":
-                # Mail scanners follow links: a GET only asks, it never unsubscribes.
+            if request.method != "POST":
+                # Mail scanners and link prefetchers GET and HEAD links: they only ever see
+                # the question. The token is the credential, so the page's form needs no CSRF
+                # token: a third party who can forge this POST already holds the link.
                 return render_template("unsubscribe.html", address=address, title=title, token=token), 200
-            one_click = request.form.get("List-Unsubscribe") == "One-Click"
             store.suppress(list_name, address, "one-click" if one_click else "page")
-        return render_template(
-            "message.html",
-            title="Unsubscribed",
-            message=f"{address} will get no more email from {title}.",
-            hint="",
-        ), 200
+        return _message("Unsubscribed", f"{address} will get no more email from {title}.", "", 200)
+
+    def archived(config: Config, name: str) -> bool:
+        schedule = config.schedules.get(name)
+        return schedule is not None and schedule.archive
 
     @app.route("/archive/")
     def archive_index() -> str:
+        _page("archive")
         config = state.config
         with state.store() as store:
-            schedules = [(n, s.title or n, store.issues(n, limit=1000)) for n, s in config.schedules.items()]
+            schedules = [
+                (n, s.title or n, store.issues(n, limit=1000))
+                for n, s in config.schedules.items()
+                if archived(config, n)
+            ]
         return render_template("archive.html", schedules=schedules)
 
     @app.route("/archive/<schedule>/<int:number>/")
     def archive_issue(schedule: str, number: int) -> Response:
         config = state.config
-        config.schedule(schedule)
+        if not archived(config, schedule):
+            abort(404)  # a schedule that is not public does not exist, whatever its name
         with state.store() as store:
             try:
                 issue = preview.sent_issue(config, store, schedule, number)
-            except NewsletterError:
+            except ConfigError:
                 abort(404)
+        _page("archive")
         return Response(issue.html, mimetype="text/html")
 
 
@@ -130,6 +219,15 @@ def create_public_app(config_path: str | None = None) -> Flask:
     """Unsubscribe pages and the archive; mount it behind any WSGI server."""
     state = _State(config_path)
     app = _app("newsletter.public")
+    _headers(app, _PAGE_CSP, "'none'")
+    _limit_bodies(app)
+
+    @app.errorhandler(NewsletterError)
+    def error(exc: NewsletterError) -> tuple[str, int]:
+        # The details (paths, names) are for the operator's log, not for the internet.
+        log.error("%s", redact(f"{request.method} {request.path}: {exc}"))
+        return _message("Something is wrong", "This page cannot be shown right now.", "Try again later.", 500)
+
     _public_routes(app, state)
     return app
 
@@ -141,14 +239,77 @@ VIEWS: dict[str, Callable[[str], str]] = {
 }
 
 
-def create_preview_app(config_path: str | None = None) -> Flask:
+class _RateLimit:
+    """At most ``limit`` events in any ``window`` seconds, for this process."""
+
+    def __init__(self, limit: int, window: float = 60.0) -> None:
+        self.limit, self.window = limit, window
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def take(self) -> float:
+        """0 when an event may happen now (and it is counted), else seconds to wait."""
+        with self._lock:
+            clock = time.monotonic()
+            while self._times and clock - self._times[0] >= self.window:
+                self._times.popleft()
+            if len(self._times) >= self.limit:
+                return self.window - (clock - self._times[0])
+            self._times.append(clock)
+            return 0.0
+
+
+def _guard_preview(app: Flask, host: str | None) -> None:
+    """Loopback names only, and no state change from another site."""
+    allowed = set(LOOPBACK)
+    if host:
+        allowed.add(host.strip("[]").lower())
+
+    @app.before_request
+    def guard() -> Response | None:
+        # A DNS-rebinding page reaches 127.0.0.1 under its own name: refuse any other Host,
+        # or it could read the list and its unsubscribe tokens.
+        name = urlsplit(f"//{request.host}").hostname if request.host else None
+        if name is None or name not in allowed:
+            # Plain text: nothing of the configuration reaches a page under another name.
+            return Response(
+                "Unknown host: the preview answers only to its own address.\n", 400, mimetype="text/plain"
+            )
+        if request.method in SAFE_METHODS:
+            return None
+        site = request.headers.get("Sec-Fetch-Site")
+        origin = request.headers.get("Origin")
+        own = f"{request.scheme}://{request.host}".lower()
+        if (site is not None and site not in ("same-origin", "none")) or (
+            origin is not None and origin.lower() != own
+        ):
+            return Response("Refused: a request from another site.\n", 403, mimetype="text/plain")
+        return None
+
+
+def create_preview_app(config_path: str | None = None, host: str | None = None) -> Flask:
+    """The local preview; ``host`` is the address it listens on (loopback names always work)."""
     state = _State(config_path)
     app = _app("newsletter.preview")
+    # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" even on a
+    # same-origin POST, and the Origin check below could not tell the page's own form from a
+    # forgery. Other sites still get no Referer, as with no-referrer (Django's default too).
+    _headers(app, _PREVIEW_CSP, "'self'", referrer="same-origin")
+    _guard_preview(app, host)
+    _limit_bodies(app)
+    # Per process: the form's token is in every page, and a page from another site cannot read it.
+    csrf = secrets.token_urlsafe(32)
+    test_sends = _RateLimit(TEST_SENDS_PER_MINUTE)
+
+    @app.errorhandler(NewsletterError)
+    def error(exc: NewsletterError) -> tuple[str, int]:
+        return _message("Something is wrong", str(exc), exc.hint, 500)
+
     _public_routes(app, state)
 
     @app.context_processor
     def stamp() -> dict[str, Any]:
-        return {"stamp": state.stamp, "config_error": state.error}
+        return {"stamp": state.stamp, "config_error": state.error, "preview": True, "csrf_token": csrf}
 
     @app.route("/_stamp")
     def current_stamp() -> Response:
@@ -161,9 +322,14 @@ def create_preview_app(config_path: str | None = None) -> Flask:
             rows = [digest.schedule_status(config, store, n) for n in config.schedules]
         return render_template("index.html", rows=rows, config=config)
 
-    def _next(name: str) -> preview.Preview:
+    def _schedule(name: str) -> Config:
         config = state.config
-        config.schedule(name)
+        if name not in config.schedules:
+            abort(404)
+        return config
+
+    def _next(name: str) -> preview.Preview:
+        config = _schedule(name)
         with state.store() as store:
             found = preview.next_issue(config, store, name, request.args.get("subscriber") or None)
         if found is None:
@@ -174,12 +340,14 @@ def create_preview_app(config_path: str | None = None) -> Flask:
     def schedule_page(name: str) -> str:
         issue = _next(name)
         config = state.config
+        schedule = config.schedule(name)
         with state.store() as store:
             past = store.issues(name, limit=20)
             snippets = social.entry_snippets(config, name, store.entries([a["id"] for a in issue.articles]))
-            schedule = config.schedule(name)
-            sync(store, schedule.subscribers, config.subscribers_path(schedule))
+            # The list as last read by a send or `check`: a page view reads no CSV, so a broken
+            # or half-saved file never breaks the preview, and a large one costs no re-read.
             subscribers = [sub for sub, _ in islice(store.subscribers(schedule.subscribers, page=200), 200)]
+            list_note = _list_note(store, schedule.subscribers, config.subscribers_path(schedule))
         return render_template(
             "schedule.html",
             name=name,
@@ -187,43 +355,83 @@ def create_preview_app(config_path: str | None = None) -> Flask:
             past=past,
             subscribers=subscribers,
             snippets=snippets,
+            list_note=list_note,
         )
 
     @app.route("/schedules/<name>/email.html")
     def email_html(name: str) -> Response:
         view = VIEWS.get(request.args.get("view", "normal"), VIEWS["normal"])
-        return Response(view(_next(name).html), mimetype="text/html")
+        html = view(_next(name).html)
+        _page("email")
+        return Response(html, mimetype="text/html")
+
+    def _sent(name: str, number: int) -> preview.Preview:
+        config = _schedule(name)
+        with state.store() as store:
+            try:
+                return preview.sent_issue(config, store, name, number)
+            except ConfigError:
+                abort(404)
 
     @app.route("/schedules/<name>/issues/<int:number>/")
     def past_issue(name: str, number: int) -> str:
-        config = state.config
-        with state.store() as store:
-            try:
-                issue = preview.sent_issue(config, store, name, number)
-            except NewsletterError:
-                abort(404)
-        return render_template("issue.html", name=name, issue=issue)
+        issue = _sent(name, number)
+        public = state.config.schedule(name).archive
+        return render_template("issue.html", name=name, issue=issue, public=public)
+
+    @app.route("/schedules/<name>/issues/<int:number>/email.html")
+    def past_email(name: str, number: int) -> Response:
+        html = _sent(name, number).html
+        _page("email")
+        return Response(html, mimetype="text/html")
 
     @app.route("/schedules/<name>/test", methods=["POST"])
-    def test_send(name: str) -> tuple[str, int]:
-        address = (request.form.get("address") or "").strip()
-        if "@" not in address:
-            return render_template(
-                "message.html", title="No address", message="Give an address to send to.", hint=""
-            ), 400
-        config = state.config
+    def test_send(name: str) -> Response | tuple[str, int]:
+        given = request.form.get("csrf", "")
+        if not hmac.compare_digest(given.encode(), csrf.encode()):
+            return _message(
+                "Refused", "This form is out of date or came from another site.", "Reload the page.", 403
+            )
+        config = _schedule(name)
+        raw = " ".join((request.form.get("address") or "").split())
+        try:
+            address = _checker()(raw)  # the check every subscriber list gets
+        except ValueError as exc:
+            return _message("Not an address", f"{raw!r}: {exc}", "Give one address to send to.", 400)
+        wait = test_sends.take()
+        if wait:
+            seconds = math.ceil(wait)
+            body, status = _message(
+                "Too many test sends",
+                f"At most {TEST_SENDS_PER_MINUTE} test copies a minute.",
+                f"Try again in {seconds} seconds.",
+                429,
+            )
+            return Response(body, status, {"Retry-After": str(seconds)})
         with state.store() as store:
             report = digest.send_digest(config, store, name, to=address, force=True, fetch_feeds=False)
         if report.aborted or not report.issues or report.issues[0].failed:
             reason = report.aborted or (report.issues[0].errors[0][1] if report.issues else "nothing to send")
-            return render_template(
-                "message.html", title="Not sent", message=f"{address}: {reason}", hint=""
-            ), 502
-        return render_template(
-            "message.html",
-            title="Sent",
-            message=f"A test copy of #{report.issues[0].number} went to {address}.",
-            hint="It is not recorded in the ledger.",
-        ), 200
+            return _message("Not sent", f"{address}: {reason}", "", 502)
+        return _message(
+            "Sent",
+            f"A test copy of #{report.issues[0].number} went to {address}.",
+            "It is not recorded in the ledger.",
+            200,
+        )
 
     return app
+
+
+def _list_note(store: Store, list_name: str, path: Path) -> str:
+    """Why the list shown may not be the file as it is now (empty when it is)."""
+    source = store.subscriber_source(list_name)
+    if source is None:
+        return f"{path.name} has not been read yet: `newsletter check` reads it."
+    try:
+        current = fingerprint(path)
+    except ConfigError as exc:
+        return f"{exc}; showing the list as last read."
+    if current != source[0]:
+        return f"{path.name} changed since it was last read: `newsletter check` or the next send reads it."
+    return ""
