@@ -46,8 +46,9 @@ from bench_digest import (
 
 from newsletter.config import load_config
 from newsletter.digest import _Run, fetch, send_digest
+from newsletter.model import Issue, now
 from newsletter.senders import Outgoing, Sender
-from newsletter.store import Issue, Store, now
+from newsletter.store import Store
 
 TARGET_US = 50.0
 TARGET_RSS = 1.5

@@ -47,8 +47,8 @@ from newsletter import render as render_module
 from newsletter.config import Config, load_config
 from newsletter.digest import _Run, fetch, send_digest
 from newsletter.message import Skeleton
-from newsletter.store import Issue, Store, StoredEntry, now
-from newsletter.subscribers import Subscriber
+from newsletter.model import Issue, StoredEntry, Subscriber, now
+from newsletter.store import Store
 
 SCHEDULE = "bench"
 FROM = "Bench Weekly <news@example.org>"

@@ -37,7 +37,8 @@ from bench_digest import CHUNK, SCHEDULE, Interleaved, check_message, write_proj
 
 from newsletter.config import load_config
 from newsletter.digest import _Run, fetch, send_digest
-from newsletter.store import Issue, Store, now
+from newsletter.model import Issue, now
+from newsletter.store import Store
 
 TARGET = 0.8
 

@@ -25,7 +25,8 @@ import pytest
 
 from conftest import FeedServer, Project, Route, free_port, item, rss
 from newsletter.config import FetchSettings
-from newsletter.feeds import FeedEntry, FeedState, FetchResult, fetch_all, fetch_feed, parse_feed
+from newsletter.feeds import fetch_all, fetch_feed, first_fetch_history, parse_feed
+from newsletter.model import FeedEntry, FeedState, FetchResult
 from newsletter.store import Store
 
 # Every test is bounded: nothing here should take more than a few seconds.
@@ -183,9 +184,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def poll(store: Store, url: str, settings: FetchSettings = SETTINGS) -> tuple[FetchResult, int]:
     """One fetch of one feed the way `newsletter fetch` does it: state in, result recorded."""
     result = fetch_feed(store.feed_state(url), settings)
-    new = store.record_fetch(
-        result, first_newest=settings.first_fetch_newest, first_days=settings.first_fetch_days
-    )
+    history = first_fetch_history(result.entries, settings.first_fetch_newest, settings.first_fetch_days)
+    new = store.record_fetch(result, history)
     return result, new
 
 
@@ -894,8 +894,8 @@ def test_a_failed_fetch_is_an_error_naming_the_url_and_nothing_is_stored(
     assert expected in result.error
     assert (result.entries, new, store.max_entry_id()) == ([], 0, 0)
     [row] = store.feeds([url])
-    assert row["last_status"] == "error"
-    assert url in row["last_error"]
+    assert row.last_status == "error"
+    assert url in row.last_error
 
 
 def test_connection_refused_is_an_error(store: Store) -> None:
@@ -1008,12 +1008,12 @@ def test_an_error_keeps_what_was_stored_and_the_next_good_fetch_carries_on(
     assert poll(store, url)[1] == 1
     feed_server.routes["/feed.xml"] = Route(b"down", status=503)
     assert poll(store, url)[1] == 0
-    assert store.feeds([url])[0]["consecutive_errors"] == 1
+    assert store.feeds([url])[0].consecutive_errors == 1
     feed_server.routes["/feed.xml"] = Route(rss([item(1), item(2)]), etag='"v2"')
     result, new = poll(store, url)
     assert (result.status, new) == ("ok", 1)
     assert titles(store, url) == ["Post 2", "Post 1"]
-    assert store.feeds([url])[0]["consecutive_errors"] == 0
+    assert store.feeds([url])[0].consecutive_errors == 0
 
 
 # -- the first fetch of a feed ------------------------------------------------------------------------
@@ -1187,15 +1187,15 @@ def test_cli_fetch_with_one_hostile_feed_stores_the_others_and_names_it(
     try:
         assert titles(store, one) == ["Post 2", "Post 1"]
         assert titles(store, two) != []
-        rows = {r["url"]: r for r in store.feeds()}
+        rows = {r.url: r for r in store.feeds()}
         if error is None:
             assert "0 error(s)" in done.stdout, out
             assert titles(store, bad) == ["Post 1"]
-            assert rows[bad]["ttl"] == ttl
+            assert rows[bad].ttl == ttl
         else:
             assert "1 error(s)" in done.stdout, out
             assert f"{bad}: " in done.stderr and error in done.stderr
-            assert rows[bad]["last_status"] == "error" and error in rows[bad]["last_error"]
+            assert rows[bad].last_status == "error" and error in rows[bad].last_error
             assert titles(store, bad) == []
     finally:
         store.close()
@@ -1215,7 +1215,7 @@ def test_a_huge_ttl_stored_by_an_older_version_does_not_break_polling(
     store = Store(f"sqlite:///{project.root / 'state.db'}")
     try:
         [row] = store.feeds([url])
-        assert row["ttl"] == 7 * 24 * 60
+        assert row.ttl == 7 * 24 * 60
     finally:
         store.close()
     # The daemon's poll reads the stored ttl of every feed of every schedule.
@@ -1255,7 +1255,7 @@ def test_control_characters_never_reach_the_store(feed_server: FeedServer, store
     [row] = store.feeds([url])
     first, second = store.new_entries([url], 0, store.max_entry_id(), 10)
     clean = "[31mA B C D E"
-    assert row["title"] == f"Feed {clean}"
+    assert row.title == f"Feed {clean}"
     assert first.title == f"Entry {clean}"
     assert first.author == f"Ann {clean}"
     assert first.categories == [f"Tag {clean}"]
@@ -1276,7 +1276,7 @@ def test_control_characters_in_an_rss_feed_never_reach_the_store(
     assert result.status == "ok", result.error
     [row] = store.feeds([url])
     [entry] = store.new_entries([url], 0, store.max_entry_id(), 10)
-    stored = [row["title"], entry.title, entry.author, *entry.categories]
+    stored = [row.title, entry.title, entry.author, *entry.categories]
     for text in stored:
         assert not re.search(r"[\x00-\x1f\x7f-\x9f]", text), repr(text)
     assert entry.title.startswith("T [2Jitle one")
@@ -1355,3 +1355,92 @@ def test_an_atom_entry_whose_only_alternate_is_a_pdf_links_to_it() -> None:
         "https://papers.test/2",
         "https://papers.test/3",
     ]
+
+
+# -- what a feed's server says comes back to it, and stays in the database ------------------------
+
+
+def test_a_feed_that_drops_its_ttl_is_polled_on_the_usual_clock_again(
+    feed_server: FeedServer, store: Store
+) -> None:
+    url = feed_server.url("/feed.xml")
+    huge = rss([item(1)]).replace(b"<channel>", b"<channel><ttl>99999999999999999999</ttl>", 1)
+    feed_server.routes["/feed.xml"] = Route(huge, etag='"v1"')
+    poll(store, url)
+    assert store.feeds([url])[0].ttl == 7 * 24 * 60  # clamped to a week
+    poll(store, url)  # 304: nothing said about the ttl, so it stands
+    assert store.feeds([url])[0].ttl == 7 * 24 * 60
+    # Fixed: the feed no longer asks for a ttl, and the week it once asked for is forgotten.
+    feed_server.routes["/feed.xml"] = Route(rss([item(1), item(2)]), etag='"v2"')
+    result, new = poll(store, url)
+    assert (result.status, new) == ("ok", 1)
+    assert store.feeds([url])[0].ttl is None
+
+
+def test_validators_with_control_characters_are_never_sent_back(
+    feed_server: FeedServer, store: Store
+) -> None:
+    url = feed_server.url("/feed.xml")
+    feed_server.routes["/feed.xml"] = Route(
+        rss([item(1)]), headers={"ETag": '"e\x1b[31mX\x01"', "Last-Modified": "Mon\x1b[2J, 01 Jan 2026"}
+    )
+    poll(store, url)
+    poll(store, url)
+    second = feed_server.hits("/feed.xml")[1]
+    assert "If-None-Match" not in second and "If-Modified-Since" not in second
+    sent = "".join(f"{k}: {v}" for k, v in second.items())
+    assert "\x1b" not in sent and "\x01" not in sent
+
+
+def test_one_entry_with_an_impossible_date_costs_that_date_only(
+    feed_server: FeedServer, store: Store
+) -> None:
+    doc = {
+        "version": "https://jsonfeed.org/version/1.1",
+        "title": "J",
+        "items": [
+            {
+                "id": "bad",
+                "title": "Far future",
+                "content_text": "x",
+                "date_published": "9999-12-31T23:59:59-23:59",
+            },
+            {"id": "good", "title": "Today", "content_text": "y", "date_published": "2026-01-02T03:04:05Z"},
+        ],
+    }
+    feed_server.routes["/feed.json"] = Route(json.dumps(doc).encode(), content_type=JSON_TYPE)
+    result, new = poll(store, feed_server.url("/feed.json"))
+    assert (result.status, new) == ("ok", 2), result.error
+    assert sorted(titles(store, feed_server.url("/feed.json"))) == ["Far future", "Today"]
+
+
+def test_a_feed_error_is_stored_without_the_urls_credentials(feed_server: FeedServer, store: Store) -> None:
+    port = feed_server.httpd.server_address[1]
+    url = f"http://reader:S3cretPassw0rd@127.0.0.1:{port}/missing.xml?access_token=T0kenValue99"
+    result, _ = poll(store, url)
+    assert result.status == "error"
+    [row] = store.feeds([url])
+    assert row.last_error and "404" in row.last_error
+    for secret in ("S3cretPassw0rd", "T0kenValue99", "reader:"):
+        assert secret not in row.last_error
+
+
+def test_protocol_relative_links_become_https_even_in_an_http_feed(feed_server: FeedServer) -> None:
+    doc = {
+        "version": "https://jsonfeed.org/version/1.1",
+        "title": "J",
+        "items": [
+            {
+                "id": "1",
+                "url": "//blog.test/p/1",
+                "image": "//cdn.test/1.png",
+                "content_html": '<p><img src="//cdn.test/a.png"> <a href="//blog.test/x">x</a></p>',
+            }
+        ],
+    }
+    feed_server.routes["/feed.json"] = Route(json.dumps(doc).encode(), content_type=JSON_TYPE)
+    result = fetch_feed(FeedState(feed_server.url("/feed.json")), SETTINGS)
+    [entry] = result.entries
+    assert (entry.link, entry.image_url) == ("https://blog.test/p/1", "https://cdn.test/1.png")
+    assert 'src="https://cdn.test/a.png"' in entry.summary_html
+    assert 'href="https://blog.test/x"' in entry.summary_html

@@ -22,8 +22,9 @@ from conftest import FeedServer, Mailbox, Project, Route, item, rss
 from newsletter.config import load_config
 from newsletter.digest import _Run
 from newsletter.message import Recipient, Skeleton
+from newsletter.model import StoredEntry
 from newsletter.render import RenderedIssue, Section, article, render_issue
-from newsletter.store import Store, StoredEntry
+from newsletter.store import Store
 
 DATE = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 LONG_UNSUB = "https://news.example.org/unsubscribe/" + "t" * 300

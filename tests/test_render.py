@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from newsletter.config import Schedule
+from newsletter.model import StoredEntry
 from newsletter.render import GMAIL_CLIP_BYTES, Section, article, render_issue
 from newsletter.social import decorate
-from newsletter.store import StoredEntry
 
 GOLDEN = Path(__file__).parent / "golden"
 DATE = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)

@@ -10,8 +10,9 @@ import pytest
 
 from newsletter import subscribers
 from newsletter.errors import ConfigError
+from newsletter.model import Subscriber
 from newsletter.store import Store
-from newsletter.subscribers import MAX_PROBLEMS, Subscriber, SubscriberList, sync
+from newsletter.subscribers import MAX_PROBLEMS, SubscriberList, sync
 
 
 @pytest.fixture
@@ -134,7 +135,7 @@ def test_a_flood_of_bad_rows_is_summed_up(tmp_path: Path, store: Store) -> None:
 def counting_checker(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every address the validator is asked about."""
     asked: list[str] = []
-    real = subscribers._checker
+    real = subscribers.address_checker
 
     def checker() -> Callable[[str], str]:
         check = real()
@@ -145,7 +146,7 @@ def counting_checker(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         return counted
 
-    monkeypatch.setattr(subscribers, "_checker", checker)
+    monkeypatch.setattr(subscribers, "address_checker", checker)
     return asked
 
 
@@ -185,7 +186,7 @@ def test_reading_a_long_list_does_not_lock_the_database(
     # delivery: only the final swap of the copy takes the write lock.
     path = write(tmp_path, "email\nann@example.com\nbob@example.org\n")
     writes: list[str] = []
-    real = subscribers._checker
+    real = subscribers.address_checker
 
     def checker() -> Callable[[str], str]:
         check = real()
@@ -198,7 +199,7 @@ def test_reading_a_long_list_does_not_lock_the_database(
 
         return meanwhile
 
-    monkeypatch.setattr(subscribers, "_checker", checker)
+    monkeypatch.setattr(subscribers, "address_checker", checker)
     sync(store, "readers", path)
     assert writes == ["ann@example.com", "bob@example.org"]
     assert emails(store) == ["ann@example.com", "bob@example.org"]

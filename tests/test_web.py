@@ -93,7 +93,7 @@ def unsubscribe_url(project: Project, base: str, address: str) -> str:
 def suppressed(project: Project) -> set[str]:
     store = Store(load_config(project.config).database_url)
     try:
-        return set(store.suppressed("readers"))
+        return {s.address for s in store.suppressed("readers")}
     finally:
         store.close()
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import ConfigError, NewsletterError
+from .model import FetchStatus
 from .redact import remember
 
 if TYPE_CHECKING:
@@ -36,9 +37,7 @@ class State:
         return self._config
 
     def store(self) -> Store:
-        from .store import Store
-
-        return Store(self.config.database_url)
+        return self.config.open_store()
 
 
 def _safe(value: object) -> str:
@@ -110,7 +109,7 @@ def _schedules(state: State, name: str | None) -> list[str]:
 
 def _print_feeds(reports: list[digest.FeedReport]) -> None:
     for f in reports:
-        if f.status == "error":
+        if f.status == FetchStatus.ERROR:
             click.echo(f"  feed error   {_safe(f.error)}", err=True)
             continue
         click.echo(f"  {f.status:<12} {f.new:>3} new  {_safe(f.url)}")
@@ -142,7 +141,7 @@ def fetch(state: State, schedule: str | None) -> None:
         reports = _digest().fetch(state.config, store, names)
     _print_feeds(reports)
     new = sum(f.new for f in reports)
-    errors = sum(f.status == "error" for f in reports)
+    errors = sum(f.status == FetchStatus.ERROR for f in reports)
     click.echo(f"{len(reports)} feed(s), {new} new entries, {errors} error(s)")
 
 
@@ -247,16 +246,16 @@ def status(state: State, schedule: str | None) -> None:
             for issue, counts in s.issues:
                 click.echo(
                     f"  #{issue.number} {issue.created_at:%Y-%m-%d %H:%M} UTC {issue.status:<8}"
-                    f" sent {counts['sent']}, pending {counts['pending']}, failed {counts['failed']}"
+                    f" sent {counts.sent}, pending {counts.pending}, failed {counts.failed}"
                     f"  {_safe(issue.subject)}"
                 )
             for f in s.feeds:
-                health = f["last_status"] or "never fetched"
-                if f["last_status"] == "error":
-                    health = f"error ({f['consecutive_errors']} in a row): {_safe(f['last_error'])}"
+                health = f.last_status or "never fetched"
+                if f.last_status == FetchStatus.ERROR:
+                    health = f"error ({f.consecutive_errors} in a row): {_safe(f.last_error)}"
                 click.echo(
-                    f"  feed {_safe(f['url'])}: {health}; last checked {f['last_checked'] or '-'},"
-                    f" {f['error_count']} error(s) in all"
+                    f"  feed {_safe(f.url)}: {health}; last checked {f.last_checked or '-'},"
+                    f" {f.error_count} error(s) in all"
                 )
 
 
@@ -354,8 +353,8 @@ def subscribers_suppressed(state: State, name: str) -> None:
     _list_path(state, name)
     with state.store() as store:
         suppressed = store.suppressed(name)
-    for address, (when, source) in suppressed.items():
-        click.echo(f"{when:%Y-%m-%d %H:%M} UTC  {_safe(source):<9} {_safe(address)}")
+    for s in suppressed:
+        click.echo(f"{s.created_at:%Y-%m-%d %H:%M} UTC  {_safe(s.source):<9} {_safe(s.address)}")
 
 
 @subscribers.command("export")

@@ -19,15 +19,29 @@ from typing import TYPE_CHECKING
 
 from .config import Config, FetchSettings, Schedule
 from .errors import ConfigError, DeliveryError, PermanentFailure, StoreError, TemporaryFailure
-from .feeds import FetchResult, fetch_all
+from .feeds import fetch_all, first_fetch_history
 from .locks import ScheduleLock
 from .message import Recipient, Skeleton
+from .model import (
+    DeliveryCounts,
+    DeliveryStatus,
+    FeedRow,
+    FetchResult,
+    FetchStatus,
+    Issue,
+    IssueStatus,
+    Pending,
+    StoredEntry,
+    Subscriber,
+    now,
+)
+from .redact import redact
 from .sanitize import one_line, web_link
 from .schedule import zone
 from .senders import Outgoing, Sender
 from .senders.file import FileOptions, FileSender
-from .store import Issue, Pending, Store, StoredEntry, now
-from .subscribers import Subscriber, SubscriberList, sync
+from .store import Store
+from .subscribers import SubscriberList, sync
 from .tokens import UnsubscribeTokens
 
 if TYPE_CHECKING:
@@ -43,7 +57,7 @@ Progress = Callable[[int], None]  # called with how many messages were just hand
 @dataclass
 class FeedReport:
     url: str
-    status: str
+    status: FetchStatus
     new: int = 0
     error: str = ""
     warning: str = ""
@@ -99,18 +113,19 @@ def fetch(
 def record_feed(store: Store, result: FetchResult, fs: FetchSettings) -> FeedReport:
     """Store one feed's fetch in its own transaction: what one feed's data breaks is its own
     error, and the other feeds are stored all the same."""
-    newest, days = fs.first_fetch_newest, fs.first_fetch_days
+    # Which entries are history if this is the feed's first fetch; the store knows if it is.
+    history = first_fetch_history(result.entries, fs.first_fetch_newest, fs.first_fetch_days)
     try:
-        new = store.record_fetch(result, first_newest=newest, first_days=days)
+        new = store.record_fetch(result, history)
     except StoreError:
         raise  # the database itself is unusable: no feed can be stored, say so once
     except Exception as exc:
         cause = f"{exc.__class__.__name__}: {one_line(str(exc))}"
-        error = f"{result.url}: cannot store what the feed sent: {cause}"
-        failed = FetchResult(result.url, "error", error=error, fetch_url=result.fetch_url)
+        error = redact(f"{result.url}: cannot store what the feed sent: {cause}")
+        failed = FetchResult(result.url, FetchStatus.ERROR, error=error, fetch_url=result.fetch_url)
         with contextlib.suppress(Exception):
-            store.record_fetch(failed, first_newest=newest, first_days=days)  # for `status`
-        return FeedReport(result.url, "error", 0, error)
+            store.record_fetch(failed)  # for `status`
+        return FeedReport(result.url, FetchStatus.ERROR, 0, error)
     return FeedReport(result.url, result.status, new, result.error, result.warning)
 
 
@@ -138,7 +153,7 @@ class _Run:
             # Read-only callers (archive, preview, status) use the copy the last send read: a
             # CSV broken since then must not take the archive down, and a look writes nothing.
             cached = store.subscriber_source(self.list_name)
-            self.subscribers = SubscriberList(self.list_name, path, cached[1] if cached else [])
+            self.subscribers = SubscriberList(self.list_name, path, cached.problems if cached else [])
         secret = os.environ.get("NEWSLETTER_SECRET") or store.secret("unsubscribe")
         self.tokens = UnsubscribeTokens(secret)
         self.feed_urls = [config.feed_url(f) for f in self.schedule.feeds]
@@ -174,7 +189,7 @@ class _Run:
         from . import social
         from .render import Section, article
 
-        titles = {f["url"]: (f["title"] or "", f["link"] or "") for f in self.store.feeds(self.feed_urls)}
+        titles = {f.url: (f.title or "", f.link or "") for f in self.store.feeds(self.feed_urls)}
         sections: dict[str, Section] = {}
         for e in entries:
             title, link = titles.get(e.feed_url, ("", ""))
@@ -235,7 +250,8 @@ class _Run:
         number = (last[0].number if last else 0) + 1
         rendered = self.render(entries, number, date)
         payload = {**rendered.to_payload(), "date": date.isoformat()}
-        issue = Issue(0, self.name, number, date, "draft", [e.id for e in entries], rendered.subject, payload)
+        ids = [e.id for e in entries]
+        issue = Issue(0, self.name, number, date, IssueStatus.DRAFT, ids, rendered.subject, payload)
         return issue, up_to
 
     def pending(self, issue: Issue) -> Iterator[Pending]:
@@ -264,7 +280,9 @@ class _Run:
             try:
                 message_id, data = skeleton.build(self.recipient(sub))
             except ValueError as exc:  # a value that cannot go into a header, say
-                self.store.record_delivery(issue.id, key, "failed", f"cannot build the message: {exc}")
+                self.store.record_delivery(
+                    issue.id, key, DeliveryStatus.FAILED, f"cannot build the message: {exc}"
+                )
                 report.errors.append((sub.email, f"cannot build the message: {exc}"))
                 continue
             try:
@@ -275,19 +293,20 @@ class _Run:
                 break
             except TemporaryFailure as exc:
                 give_up = attempts + 1 >= self.schedule.max_attempts
-                self.store.record_delivery(issue.id, key, "failed" if give_up else "pending", str(exc))
+                status = DeliveryStatus.FAILED if give_up else DeliveryStatus.PENDING
+                self.store.record_delivery(issue.id, key, status, str(exc))
                 report.errors.append((sub.email, str(exc)))
             except PermanentFailure as exc:
-                self.store.record_delivery(issue.id, key, "failed", str(exc))
+                self.store.record_delivery(issue.id, key, DeliveryStatus.FAILED, str(exc))
                 report.errors.append((sub.email, str(exc)))
             else:
-                self.store.record_delivery(issue.id, key, "sent")
+                self.store.record_delivery(issue.id, key, DeliveryStatus.SENT)
             if self.progress:
                 self.progress(1)
         report.complete = self.store.finish_issue_if_done(issue.id)
         counts = self.store.delivery_counts(issue.id)
-        report.sent, report.failed = counts["sent"], counts["failed"]
-        report.pending, report.skipped = counts["pending"], counts["skipped"]
+        report.sent, report.failed = counts.sent, counts.failed
+        report.pending, report.skipped = counts.pending, counts.skipped
         return report
 
 
@@ -363,7 +382,7 @@ def _deliver_all(
     issues: list[Issue],
     on_issue: Callable[[int], None] | None,
 ) -> None:
-    work = [(issue, run.store.delivery_counts(issue.id)["pending"]) for issue in issues]
+    work = [(issue, run.store.delivery_counts(issue.id).pending) for issue in issues]
     if not any(pending for _, pending in work):
         report.issues += [run.deliver(issue, sender) for issue, _ in work]
         return
@@ -467,8 +486,8 @@ class ScheduleStatus:
     name: str
     subscribers: int
     waiting: int
-    issues: list[tuple[Issue, dict[str, int]]]
-    feeds: list[dict[str, object]]
+    issues: list[tuple[Issue, DeliveryCounts]]
+    feeds: list[FeedRow]
     next_run: datetime | None  # None: sent by hand only (no ``when:``)
     retries: int  # deliveries a server deferred, waiting for the next run
 
@@ -489,5 +508,5 @@ def schedule_status(config: Config, store: Store, name: str, last: int = 5) -> S
         [(i, store.delivery_counts(i.id)) for i in store.issues(name, last)],
         store.feeds(run.feed_urls),
         _local(trigger.get_next_fire_time(None, now()), config, name) if trigger else None,
-        sum(store.delivery_counts(i.id)["pending"] for i in store.unfinished_issues(name)),
+        sum(store.delivery_counts(i.id).pending for i in store.unfinished_issues(name)),
     )

@@ -12,7 +12,6 @@ import json
 import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -26,44 +25,9 @@ import urllib3
 from . import transport
 from .config import FetchSettings
 from .errors import FeedError
+from .model import FeedEntry, FeedState, FetchResult, FetchStatus, clamp_ttl, now
+from .redact import redact
 from .sanitize import html_to_text, one_line
-
-
-@dataclass
-class FeedEntry:
-    key: str  # stable identity within its feed: id/guid, else link, else a content hash
-    title: str
-    link: str
-    summary_html: str  # as the feed gave it; sanitised at render time
-    author: str = ""
-    published: datetime | None = None
-    image_url: str = ""
-    categories: list[str] = field(default_factory=list)
-
-
-@dataclass
-class FeedState:
-    """What the store remembers about a feed between fetches."""
-
-    url: str
-    fetch_url: str | None = None  # after a permanent redirect
-    etag: str | None = None
-    last_modified: str | None = None
-
-
-@dataclass
-class FetchResult:
-    url: str
-    status: str  # "ok", "not-modified" or "error"
-    entries: list[FeedEntry] = field(default_factory=list)
-    title: str = ""
-    link: str = ""
-    etag: str | None = None
-    last_modified: str | None = None
-    fetch_url: str | None = None
-    error: str = ""
-    warning: str = ""
-    ttl: int | None = None  # minutes, from RSS <ttl>: how long the publisher asks us to wait
 
 
 def _download(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[str, str], FetchResult]:
@@ -85,21 +49,30 @@ def _download(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[st
         raise FeedError(f"{exc.__class__.__name__}: {exc}") from None
     except Exception as exc:  # fetch_feed never raises: one feed must not end the round
         raise FeedError(f"cannot fetch: {_describe(exc)}") from None
-    result = FetchResult(state.url, "ok", fetch_url=state.fetch_url)
+    result = FetchResult(state.url, FetchStatus.OK, fetch_url=state.fetch_url)
     # Remember a move only when every hop was permanent; a 302 may change back.
     if answer.history and all(code in (301, 308) for code in answer.history):
         result.fetch_url = answer.url
     if answer.status == 304:
-        result.status = "not-modified"
+        result.status = FetchStatus.NOT_MODIFIED
         result.etag, result.last_modified = state.etag, state.last_modified
         return b"", {}, result
     if answer.status >= 400:
         gone = " (gone for good: remove it from schedules.yaml)" if answer.status == 410 else ""
         raise FeedError(f"HTTP {answer.status} {answer.reason}{gone}")
-    result.etag = answer.headers.get("ETag")
-    result.last_modified = answer.headers.get("Last-Modified")
+    # Both go back to the server in the next request's headers: only a well-formed value does.
+    result.etag = _validator(answer.headers.get("ETag"))
+    result.last_modified = _validator(answer.headers.get("Last-Modified"))
     info = {"content-type": answer.headers.get("Content-Type", ""), "content-location": answer.url}
     return answer.body, info, result
+
+
+_VALIDATOR = re.compile(r"[\x20-\x7e]{1,512}")
+
+
+def _validator(value: str | None) -> str | None:
+    """An ETag or Last-Modified fit to send back: printable ASCII, not absurdly long."""
+    return value if value is not None and _VALIDATOR.fullmatch(value) else None
 
 
 def _read_file(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[str, str], FetchResult]:
@@ -109,7 +82,7 @@ def _read_file(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[s
         # The file's mtime plays the part of Last-Modified: unchanged file, nothing parsed.
         stamp = str(stat.st_mtime_ns)
         if stamp == state.last_modified:
-            return b"", {}, FetchResult(state.url, "not-modified", last_modified=stamp)
+            return b"", {}, FetchResult(state.url, FetchStatus.NOT_MODIFIED, last_modified=stamp)
         if stat.st_size > settings.max_bytes:
             raise FeedError(f"{stat.st_size:,} bytes is over the {settings.max_bytes:,} byte cap")
         data = path.read_bytes()
@@ -118,18 +91,18 @@ def _read_file(state: FeedState, settings: FetchSettings) -> tuple[bytes, dict[s
     return (
         data,
         {"content-type": "", "content-location": ""},
-        FetchResult(state.url, "ok", last_modified=stamp),
+        FetchResult(state.url, FetchStatus.OK, last_modified=stamp),
     )
 
 
 def fetch_feed(state: FeedState, settings: FetchSettings) -> FetchResult:
-    """Fetch and parse one feed. Never raises: errors come back as ``status == "error"``."""
+    """Fetch and parse one feed. Never raises: errors come back as ``status == FetchStatus.ERROR``."""
     try:
         if state.url.startswith("file:"):
             data, info, result = _read_file(state, settings)
         else:
             data, info, result = _download(state, settings)
-        if result.status == "ok":
+        if result.status == FetchStatus.OK:
             try:
                 result.title, result.link, result.entries, result.warning, result.ttl = parse_feed(
                     data, info["content-type"], info["content-location"]
@@ -146,7 +119,10 @@ def fetch_feed(state: FeedState, settings: FetchSettings) -> FetchResult:
         where = state.url
         if state.fetch_url and state.fetch_url != state.url:
             where += f" (moved to {state.fetch_url})"
-        return FetchResult(state.url, "error", error=f"{where}: {exc}", fetch_url=state.fetch_url)
+        # Stored as the feed's last_error and shown by status: a feed URL's password or token
+        # (or a ${VAR} in it) stays out of the database too.
+        error = redact(f"{where}: {exc}")
+        return FetchResult(state.url, FetchStatus.ERROR, error=error, fetch_url=state.fetch_url)
 
 
 def _describe(exc: BaseException) -> str:
@@ -156,23 +132,18 @@ def _describe(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
-# RSS <ttl> is minutes. Below a minute is no ask at all; above a week is a typo or an attack
-# (a 20-digit value overflows SQLite and timedelta), and a weekly digest must see its feeds
-# at least weekly. The same bounds apply to what an older version stored.
-TTL_MIN, TTL_MAX = 1, 7 * 24 * 60
-
-
-def clamp_ttl(minutes: object) -> int | None:
-    """A ttl in minutes within [TTL_MIN, TTL_MAX], or None when there is none."""
-    if isinstance(minutes, str):
-        text = minutes.strip()
-        # "²".isdigit() is True but int("²") fails: only ASCII digits are a number here.
-        if not (text.isascii() and text.isdigit()):
-            return None
-        minutes = int(text)
-    if isinstance(minutes, bool) or not isinstance(minutes, int):
-        return None
-    return max(TTL_MIN, min(TTL_MAX, minutes))
+def first_fetch_history(entries: list[FeedEntry], newest: int, days: float | None) -> set[int]:
+    """Indexes of the entries that are history if this is the feed's first fetch: stored, never
+    mailed. ``days``: those older than that; otherwise all but the ``newest``."""
+    if days is not None:
+        cutoff = now().timestamp() - days * 86400
+        return {i for i, e in enumerate(entries) if e.published and e.published.timestamp() < cutoff}
+    # Dated entries newest first, then the undated ones: a date is the better evidence of
+    # being recent. Ties, and the undated among themselves, keep document order (feeds list
+    # the newest first).
+    dated = sorted((-e.published.timestamp(), i) for i, e in enumerate(entries) if e.published)
+    undated = [i for i, e in enumerate(entries) if e.published is None]
+    return set(([i for _, i in dated] + undated)[newest:])
 
 
 def fetch_all(states: Iterable[FeedState], settings: FetchSettings) -> list[FetchResult]:
@@ -209,13 +180,18 @@ def _iso_to_dt(value: Any) -> datetime | None:
         return None
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        # In UTC now, while an out-of-range date (9999-12-31T23:59-23:59) can still be refused
+        # as one entry's missing date instead of failing the whole feed when it is stored.
+        return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def _absolute(base: str, link: str) -> str:
     link = (link or "").strip()
+    if link.startswith("//"):
+        # A mail client has no page to take the scheme from: the safe one, whatever the feed's.
+        return "https:" + link
     if not link or not base or urlparse(link).scheme:
         return link
     return urljoin(base, link)
@@ -422,6 +398,7 @@ def absolute_links(fragment: str, base: str) -> str:
     except (etree.ParserError, ValueError):
         return fragment
     # "discard": a link that cannot be resolved (http://[ ...) is dropped, not kept relative.
+    root.rewrite_links(lambda link: "https:" + link if link.startswith("//") else link)
     root.make_links_absolute(base, resolve_base_href=False, handle_failures="discard")
     out = lxml_html.tostring(root, encoding="unicode")
     return out[len("<div>") : -len("</div>")] if out.startswith("<div>") else out

@@ -1,13 +1,51 @@
-"""One run of a schedule at a time, across processes: a lock row in the store, kept fresh."""
+"""One run of a schedule at a time, across processes: a lock row in the store, kept fresh.
+
+Whether a holder is still there is decided here, not in the store: a lock row names its
+owner as host:pid:nonce, and a holder on this host whose pid is gone has died.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
+import socket
 import threading
 import time
 
 from .errors import BusyError, StoreError
-from .store import Store, lock_owner
+from .storage import Storage
+from .store import Store
+
+
+def lock_owner() -> str:
+    """A name for this holder that no other process, here or elsewhere, will have."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def alive(owner: str) -> bool:
+    """False only when ``owner`` is known dead: its host is this one and its pid is gone."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine: only the expiry time can tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire(store: Storage, name: str, owner: str, ttl: float) -> str | None:
+    """Take the lock ``name``, or return who holds it. A holder that died (same host, pid
+    gone) or stopped refreshing it (``ttl`` passed) no longer counts."""
+    holder = store.acquire_lock(name, owner, ttl)
+    if holder is not None and not alive(holder):
+        # Taken over only if the dead one still holds it: a live process may have beaten us.
+        holder = store.acquire_lock(name, owner, ttl, dead=holder)
+    return holder
 
 
 class ScheduleLock:
@@ -15,7 +53,9 @@ class ScheduleLock:
 
     TTL = 60.0
 
-    def __init__(self, database_url: str, store: Store, name: str, wait: float, stop: threading.Event | None):
+    def __init__(
+        self, database_url: str, store: Storage, name: str, wait: float, stop: threading.Event | None
+    ):
         self.database_url, self.store, self.name = database_url, store, f"schedule:{name}"
         self.schedule, self.wait, self.stop = name, wait, stop
         self.owner = lock_owner()
@@ -23,7 +63,7 @@ class ScheduleLock:
 
     def __enter__(self) -> None:
         deadline = time.monotonic() + self.wait
-        while (holder := self.store.acquire_lock(self.name, self.owner, self.TTL)) is not None:
+        while (holder := acquire(self.store, self.name, self.owner, self.TTL)) is not None:
             if time.monotonic() >= deadline or (self.stop is not None and self.stop.is_set()):
                 host, _, rest = holder.partition(":")
                 raise BusyError(

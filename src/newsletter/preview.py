@@ -19,9 +19,9 @@ from . import digest
 from .config import Config
 from .errors import ConfigError
 from .message import Recipient
+from .model import Issue, Subscriber
 from .render import GMAIL_CLIP_BYTES
-from .store import Issue, Store
-from .subscribers import Subscriber
+from .store import Store
 
 
 @dataclass

@@ -21,8 +21,8 @@ import jinja2
 from markupsafe import Markup
 
 from .errors import ConfigError
+from .model import StoredEntry
 from .sanitize import clean_html, excerpt, html_to_text, one_line, web_link
-from .store import StoredEntry
 
 GMAIL_CLIP_BYTES = 102 * 1024
 HTML_TEMPLATE = "digest.html"

@@ -17,13 +17,14 @@ from markupsafe import Markup
 
 from . import share
 from .config import Config, PostTarget, Schedule
-from .errors import DeliveryError, PermanentFailure, TargetGone, TemporaryFailure
+from .errors import DeliveryError, PermanentFailure, TargetGone, TargetUnavailable, TemporaryFailure
 from .locks import ScheduleLock
+from .model import PostKind, PostStatus, StoredEntry, now
 from .redact import redact
 from .render import Article
 from .sanitize import html_to_text, one_line, printable, web_link
-from .senders import Post
-from .store import Store, StoredEntry, now
+from .senders import Post, Sender
+from .store import Store
 
 LABELS = {
     "x": "X",
@@ -160,9 +161,8 @@ def queue_articles(config: Config, store: Store, name: str) -> int:
         with store.transaction():
             for e in reversed(entries):  # oldest first, the order they were published in
                 if _wanted(target, e):
-                    queued += store.queue_post(
-                        target.to, item_id(name, target.to, "article", e.id), name, "article", e.id
-                    )
+                    pid = item_id(name, target.to, PostKind.ARTICLE, e.id)
+                    queued += store.queue_post(target.to, pid, name, PostKind.ARTICLE, e.id)
             store.set_meta(key, str(up_to))
     return queued
 
@@ -170,7 +170,9 @@ def queue_articles(config: Config, store: Store, name: str) -> int:
 def queue_issue(config: Config, store: Store, name: str, number: int, issue_id: int) -> None:
     for target in config.schedule(name).post:
         if target.each == "issue":
-            store.queue_post(target.to, item_id(name, target.to, "issue", number), name, "issue", issue_id)
+            store.queue_post(
+                target.to, item_id(name, target.to, PostKind.ISSUE, number), name, PostKind.ISSUE, issue_id
+            )
 
 
 class _Unpostable(Exception):
@@ -182,13 +184,14 @@ class _Unpostable(Exception):
 
 
 def _post_item(
-    config: Config, store: Store, name: str, target: PostTarget, kind: str, ref: int, network: str, pid: str
+    config: Config, store: Store, name: str, target: PostTarget, kind: str, ref: int, sender: Sender, pid: str
 ) -> Post | None:
     # Every URL goes through the email's own filter (a javascript: or data: link the email
     # blanked is posted without a link, not as one), and no text field carries a control
     # character: receivers show these fields as they are.
     schedule = config.schedule(name)
-    if kind == "article":
+    network = str(sender.network)
+    if kind == PostKind.ARTICLE:
         found = store.entries([ref])
         if not found:
             return None
@@ -196,7 +199,7 @@ def _post_item(
         title = one_line(e.title)
         summary = printable(html_to_text(e.summary_html))
         link = tagged(web_link(e.link), schedule, name, "posts", network)
-        text = _text(network, title, summary, link, e.categories, target.template, schedule)
+        text = _text(sender, title, summary, link, e.categories, target.template, schedule)
         return Post(
             pid,
             "article",
@@ -219,7 +222,7 @@ def _post_item(
     link = next((a_link for _, a_link in arts if a_link), "")
     subject = one_line(issue.subject)
     summary = " · ".join(t for t, _ in arts)
-    text = _text(network, subject, summary, link, [], target.template, schedule)
+    text = _text(sender, subject, summary, link, [], target.template, schedule)
     return Post(
         pid,
         "issue",
@@ -237,7 +240,7 @@ def _post_item(
 
 
 def _text(
-    network: str,
+    sender: Sender,
     title: str,
     summary: str,
     link: str,
@@ -245,10 +248,13 @@ def _text(
     template: str | None,
     schedule: Schedule,
 ) -> str:
-    # Slack, Discord and signed JSON have no counting rule of their own among the share
-    # networks; their limits (3,000 / 2,000) are far from a snippet's, so Mastodon's 500 serves.
-    rule = network if network in share.NETWORKS else "mastodon"
-    limit = schedule.share.mastodon_limit if rule == "mastodon" else None
+    # The sender says how its service counts and how long a post may be. Mastodon's length is
+    # per instance (share.mastodon_limit); the services that count like it (Slack, Discord,
+    # signed JSON) allow far more, and get a toot-sized text too.
+    rule, limit = sender.text_rule, sender.text_limit
+    if rule == "mastodon":
+        mastodon = schedule.share.mastodon_limit
+        limit = mastodon if limit is None else min(limit, mastodon)
     try:
         return share.snippet(rule, title, summary, link, categories, template, limit)
     except share.LinkTooLong as exc:
@@ -269,49 +275,60 @@ def post_pending(config: Config, store: Store, name: str) -> list[PostReport]:
         report = PostReport(target.to)
         reports.append(report)
         sender = config.sender(target.to)  # its own instance: jobs run in threads at once
-        network = str(sender.network)
         fingerprint = hashlib.sha256(sender.options.model_dump_json().encode()).hexdigest()
-        disabled = store.target_disabled(target.to, fingerprint)
-        if disabled:
-            report.disabled = disabled
+        disabled = store.disabled_target(target.to)
+        if disabled is not None and disabled.fingerprint != fingerprint:
+            # The configuration changed since (a new token, a new URL): worth trying again.
+            store.enable_target(target.to)
+            disabled = None
+        if disabled is not None:
+            report.disabled = disabled.reason
             report.pending = len(store.pending_posts(target.to, name))
             continue
         try:
             with sender:
-                for pid, kind, ref, attempts in store.pending_posts(target.to, name):
+                for post in store.pending_posts(target.to, name):
+                    pid, kind, ref, attempts = post.item_id, post.kind, post.ref, post.attempts
                     try:
-                        item = _post_item(config, store, name, target, kind, ref, network, pid)
+                        item = _post_item(config, store, name, target, kind, ref, sender, pid)
                     except _Unpostable as exc:
                         # For good: retrying cannot make the link shorter, and it must not hold
                         # up the items behind it.
-                        store.record_post(target.to, pid, "failed", str(exc))
+                        store.record_post(target.to, pid, PostStatus.FAILED, str(exc))
                         report.errors.append((exc.title, str(exc)))
                         continue
                     if item is None:
-                        store.record_post(target.to, pid, "failed", "the article is no longer stored")
+                        gone = "the article is no longer stored"
+                        store.record_post(target.to, pid, PostStatus.FAILED, gone)
                         continue
                     label = item.title or item.link
                     try:
                         where = sender.post(item)
                     except TargetGone as exc:
-                        store.record_post(target.to, pid, "pending", _said(exc))
+                        store.record_post(target.to, pid, PostStatus.PENDING, _said(exc))
                         store.disable_target(target.to, _said(exc), fingerprint)
                         report.disabled = _said(exc)
                         break
                     except TemporaryFailure as exc:
+                        # Unavailable: the next items would wait out the same deadline, item
+                        # after item; they stay pending for the next run instead.
+                        stop = isinstance(exc, TargetUnavailable)
                         give_up = attempts + 1 >= schedule.max_attempts
-                        store.record_post(target.to, pid, "failed" if give_up else "pending", _said(exc))
+                        status = PostStatus.FAILED if give_up else PostStatus.PENDING
+                        store.record_post(target.to, pid, status, _said(exc))
                         report.errors.append((label, _said(exc)))
+                        if stop:
+                            break
                     except PermanentFailure as exc:
-                        store.record_post(target.to, pid, "failed", _said(exc))
+                        store.record_post(target.to, pid, PostStatus.FAILED, _said(exc))
                         report.errors.append((label, _said(exc)))
                     else:
-                        store.record_post(target.to, pid, "sent", "", where)
+                        store.record_post(target.to, pid, PostStatus.SENT, "", where)
                         report.posted_now += 1
         except DeliveryError as exc:
             report.disabled = _said(exc) + (f" ({redact(exc.hint)})" if exc.hint else "")
         counts = store.post_counts(target.to, name)
-        report.posted, report.pending, report.failed = counts["sent"], counts["pending"], counts["failed"]
+        report.posted, report.pending, report.failed = counts.sent, counts.pending, counts.failed
     return reports
 
 

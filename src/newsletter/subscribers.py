@@ -8,30 +8,19 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .store import Store, SubscriberWriter
+from .model import Subscriber, SubscriberRow
+from .storage import Storage, SubscriberStaging
 
 
 @dataclass(frozen=True)
-class Subscriber:
-    email: str
-    name: str = ""
-    fields: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        """The ledger key: one email per address, whatever its case."""
-        return self.email.lower()
-
-
-@dataclass
 class SubscriberList:
+    """What a sync found: the list as stored now, and what is wrong in its file."""
+
     name: str
     path: Path
     problems: list[str]  # "file:line: what is wrong", rows skipped
@@ -57,7 +46,7 @@ def fingerprint(path: Path) -> str:
     return f"{RULES}:{digest}"
 
 
-def sync(store: Store, name: str, path: Path) -> SubscriberList:
+def sync(store: Storage, name: str, path: Path) -> SubscriberList:
     """Bring the store's copy of list ``name`` up to date with ``path``; say what is wrong in it.
 
     The file is read and checked only when its content changed since the last run, and then
@@ -67,16 +56,15 @@ def sync(store: Store, name: str, path: Path) -> SubscriberList:
     """
     source = fingerprint(path)
     cached = store.subscriber_source(name)
-    if cached is not None and cached[0] == source:
-        return SubscriberList(name, path, cached[1])
+    if cached is not None and cached.fingerprint == source:
+        return SubscriberList(name, path, cached.problems)
     # Addresses checked under other rules (RULES changed) are all checked again.
-    reuse = cached is not None and cached[0].startswith(f"{RULES}:")
-    with store.replacing_subscribers(name, source, reuse) as writer:
-        writer.problems = _read(path, writer)
-    return SubscriberList(name, path, writer.problems)
+    reuse = cached is not None and cached.fingerprint.startswith(f"{RULES}:")
+    problems = store.replace_subscribers(name, source, reuse, lambda staging: _read(path, staging))
+    return SubscriberList(name, path, problems)
 
 
-def _read(path: Path, writer: SubscriberWriter) -> list[str]:
+def _read(path: Path, staging: SubscriberStaging) -> list[str]:
     problems: list[str] = []
     more = 0
     check: Callable[[str], str] | None = None
@@ -109,9 +97,9 @@ def _read(path: Path, writer: SubscriberWriter) -> list[str]:
                     if any(_clean(v) for v in row.values() if isinstance(v, str)):
                         problem(f"{path}:{line}: no email address; row skipped")
                     continue
-                email = writer.known(raw)
+                email = staging.checked(raw)
                 if email is None:
-                    check = check or _checker()
+                    check = check or address_checker()
                     try:
                         email = check(raw)
                     except ValueError as exc:
@@ -123,7 +111,7 @@ def _read(path: Path, writer: SubscriberWriter) -> list[str]:
                     if c and c.strip().lower() not in ("email", "name") and isinstance(v, str)
                 }
                 name = _clean(row.get(columns["name"])) if "name" in columns else ""
-                first = writer.add(Subscriber(email, name, extra), raw, line)
+                first = staging.add(SubscriberRow(Subscriber(email, name, extra), raw, line))
                 if first is not None:
                     problem(f"{path}:{line}: {email} already on line {first}; one email goes to it")
         except csv.Error as exc:
@@ -145,7 +133,7 @@ def spreadsheet_safe(cell: str) -> str:
     return "'" + cell if cell.startswith(_FORMULA_START) else cell
 
 
-def export(store: Store, name: str, out: TextIO) -> None:
+def export(store: Storage, name: str, out: TextIO) -> None:
     """List ``name`` as CSV, without the addresses that unsubscribed, every cell spreadsheet-safe.
 
     The rule applies to every cell, the address and the header included: ``-x@example.org``
@@ -160,7 +148,7 @@ def export(store: Store, name: str, out: TextIO) -> None:
             writer.writerow([spreadsheet_safe(c) for c in row])
 
 
-def _checker() -> Callable[[str], str]:
+def address_checker() -> Callable[[str], str]:
     """A function giving the address to send to, or ValueError saying what is wrong."""
     # 25 ms to import: only runs that meet a new address pay for it.
     from email_validator import EmailNotValidError, validate_email

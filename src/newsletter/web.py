@@ -32,7 +32,7 @@ from .config import Config, load_config
 from .errors import ConfigError, NewsletterError
 from .redact import redact
 from .store import Store
-from .subscribers import _checker, fingerprint
+from .subscribers import address_checker, fingerprint
 from .tokens import TokenError, UnsubscribeTokens
 
 TEMPLATES = Path(__file__).parent / "web_templates"
@@ -81,7 +81,7 @@ class _State:
         return self._stamp
 
     def store(self) -> Store:
-        return Store(self.config.database_url)
+        return self.config.open_store()
 
 
 # -- headers every response carries -----------------------------------------------------------
@@ -395,7 +395,7 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
         config = _schedule(name)
         raw = " ".join((request.form.get("address") or "").split())
         try:
-            address = _checker()(raw)  # the check every subscriber list gets
+            address = address_checker()(raw)  # the check every subscriber list gets
         except ValueError as exc:
             return _message("Not an address", f"{raw!r}: {exc}", "Give one address to send to.", 400)
         wait = test_sends.take()
@@ -432,6 +432,6 @@ def _list_note(store: Store, list_name: str, path: Path) -> str:
         current = fingerprint(path)
     except ConfigError as exc:
         return f"{exc}; showing the list as last read."
-    if current != source[0]:
+    if current != source.fingerprint:
         return f"{path.name} changed since it was last read: `newsletter check` or the next send reads it."
     return ""

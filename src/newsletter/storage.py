@@ -1,0 +1,230 @@
+"""What the pipeline asks of the state database: the methods every store backend implements.
+
+``newsletter.store`` is the SQLite backend; a PostgreSQL one implements this same Protocol
+and follows the same numbered migrations. Everything goes in and comes out as ``model``
+types. The store keeps no policy: which entries of a first fetch are history, whether a
+lock's holder is still alive, when a disabled target comes back on are the caller's to say.
+
+Writes are committed one statement at a time unless inside ``transaction()``: a delivery's
+result is on disk the moment it is known, so a killed process loses at most the one message
+in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any, Protocol, Self
+
+from .model import (
+    DeliveryCounts,
+    DeliveryStatus,
+    DisabledTarget,
+    FeedRow,
+    FeedState,
+    FetchResult,
+    Issue,
+    ListedSubscriber,
+    ListSource,
+    Pending,
+    PendingPost,
+    PostCounts,
+    PostKind,
+    PostStatus,
+    StoredEntry,
+    Subscriber,
+    SubscriberCounts,
+    SubscriberRow,
+    Suppression,
+)
+
+
+class SubscriberStaging(Protocol):
+    """A new copy of a list being written, inside ``Storage.replace_subscribers``."""
+
+    def checked(self, raw: str) -> str | None:
+        """The address ``raw`` was checked into for the previous copy (None: check it)."""
+        ...
+
+    def add(self, row: SubscriberRow) -> int | None:
+        """Add a row; if its address is already in this copy, the line it is on."""
+        ...
+
+
+# Reads a list file into the staging copy and returns the problems found in it.
+ListReader = Callable[[SubscriberStaging], list[str]]
+
+
+class Storage(Protocol):
+    # -- the connection and its transactions ----------------------------------------------------
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def transaction(self, write: bool = True) -> AbstractContextManager[None]:
+        """One transaction (nested ones join the outer). ``write=False``: a snapshot to read,
+        no lock held on the database."""
+        ...
+
+    def rolled_back(self) -> AbstractContextManager[None]:
+        """Run a whole pipeline and then forget it: what --dry-run and --to use."""
+        ...
+
+    # -- meta ------------------------------------------------------------------------------------
+
+    def secret(self, name: str) -> str:
+        """A per-installation random secret, made on first use."""
+        ...
+
+    def meta(self, key: str) -> str | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def last_run(self, schedule: str) -> datetime | None: ...
+
+    def set_last_run(self, schedule: str, when: datetime) -> None: ...
+
+    # -- feeds and entries -----------------------------------------------------------------------
+
+    def feed_state(self, url: str) -> FeedState: ...
+
+    def record_fetch(self, result: FetchResult, history: Collection[int] = ()) -> int:
+        """Store a fetch's outcome and its new entries; return how many are new (to mail).
+
+        ``history``: indexes into ``result.entries`` that are history if this is the feed's
+        first successful fetch: stored, never mailed. Ignored on any later fetch."""
+        ...
+
+    def feeds(self, urls: Iterable[str] | None = None) -> list[FeedRow]:
+        """The feeds known (those of ``urls`` only, if given), by URL."""
+        ...
+
+    def new_entries(
+        self, feed_urls: list[str], after_id: int, up_to_id: int, limit: int
+    ) -> list[StoredEntry]:
+        """Entries with after_id < id <= up_to_id that are not history, newest first."""
+        ...
+
+    def entries(self, ids: list[int]) -> list[StoredEntry]:
+        """The entries of ``ids`` still stored, in that order."""
+        ...
+
+    def max_entry_id(self) -> int: ...
+
+    # -- issues and the ledger -------------------------------------------------------------------
+
+    def watermark(self, schedule: str) -> int:
+        """The last entry id any issue of the schedule considered."""
+        ...
+
+    def create_issue(
+        self,
+        schedule: str,
+        *,
+        watermark: int,
+        entry_ids: list[int],
+        subject: str,
+        payload: dict[str, Any],
+        list_name: str | None,
+    ) -> Issue:
+        """Record an issue and, all or nothing, a pending delivery per active subscriber of
+        ``list_name`` (none for a test send: ``list_name=None``)."""
+        ...
+
+    def issue_by_id(self, issue_id: int) -> Issue | None: ...
+
+    def issues(self, schedule: str, limit: int = 5) -> list[Issue]:
+        """The latest issues of the schedule, newest first."""
+        ...
+
+    def unfinished_issues(self, schedule: str) -> list[Issue]: ...
+
+    def pending(self, issue_id: int, list_name: str, after: str = "", limit: int = 500) -> list[Pending]:
+        """The next ``limit`` deliveries still to be made, in recipient order after ``after``."""
+        ...
+
+    def record_delivery(self, issue_id: int, recipient: str, status: DeliveryStatus, error: str = "") -> None:
+        """One attempt's outcome, committed at once (outside a transaction)."""
+        ...
+
+    def skip_delivery(self, issue_id: int, recipient: str, reason: str) -> None: ...
+
+    def finish_issue_if_done(self, issue_id: int) -> bool:
+        """Mark the issue complete if no delivery is pending; whether it now is."""
+        ...
+
+    def delivery_counts(self, issue_id: int) -> DeliveryCounts: ...
+
+    # -- subscriber lists ------------------------------------------------------------------------
+
+    def subscriber_source(self, list_name: str) -> ListSource | None:
+        """Which file the stored copy was read from and its problems; None if never read."""
+        ...
+
+    def replace_subscribers(self, list_name: str, source: str, reuse: bool, read: ListReader) -> list[str]:
+        """Write a new copy of a list with what ``read`` adds; it replaces the old copy only
+        if ``read`` returns (its problems, stored with the copy and returned).
+
+        ``reuse``: an address checked for the previous copy is taken as it was."""
+        ...
+
+    def subscriber_counts(self, list_name: str) -> SubscriberCounts: ...
+
+    def subscriber(self, list_name: str, address: str) -> Subscriber | None: ...
+
+    def subscribers(self, list_name: str, page: int = 500) -> Iterator[ListedSubscriber]:
+        """The list in file order, read ``page`` rows at a time."""
+        ...
+
+    def subscriber_fields(self, list_name: str) -> list[str]:
+        """Every extra column any subscriber of the list has, sorted."""
+        ...
+
+    # -- suppressions: addresses that unsubscribed stay unsubscribed -----------------------------
+
+    def suppress(self, list_name: str, address: str, source: str) -> bool:
+        """Record an unsubscribe; False when the address was already suppressed."""
+        ...
+
+    def suppressed(self, list_name: str) -> list[Suppression]:
+        """The list's unsubscribed addresses, by address."""
+        ...
+
+    # -- webhook posts ---------------------------------------------------------------------------
+
+    def queue_post(self, target: str, item_id: str, schedule: str, kind: PostKind, ref: int) -> int:
+        """Record a pending post unless it is known; how many were new (0 or 1)."""
+        ...
+
+    def pending_posts(self, target: str, schedule: str) -> list[PendingPost]:
+        """Posts still to make, oldest first."""
+        ...
+
+    def record_post(
+        self, target: str, item_id: str, status: PostStatus, error: str = "", location: str = ""
+    ) -> None: ...
+
+    def post_counts(self, target: str, schedule: str) -> PostCounts: ...
+
+    def disable_target(self, name: str, reason: str, fingerprint: str) -> None: ...
+
+    def disabled_target(self, name: str) -> DisabledTarget | None:
+        """Why and under which configuration the target was switched off, if it was."""
+        ...
+
+    def enable_target(self, name: str) -> None: ...
+
+    # -- locks: one run of a schedule at a time, across processes --------------------------------
+
+    def acquire_lock(self, name: str, owner: str, ttl: float, *, dead: str | None = None) -> str | None:
+        """Take the lock, or return who holds it. A lock past its ``ttl`` is free; one held by
+        ``dead`` (a holder the caller found gone) is taken over if that one still holds it."""
+        ...
+
+    def refresh_lock(self, name: str, owner: str, ttl: float) -> None: ...
+
+    def release_lock(self, name: str, owner: str) -> None: ...

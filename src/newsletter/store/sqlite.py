@@ -1,0 +1,596 @@
+"""The SQLite store: ``storage.Storage`` over one connection, SQL and model types only.
+
+Only the store speaks SQL. It decides nothing: the callers say which entries are history,
+which lock holder is gone and when a target comes back on; here they are written down.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Collection, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ..model import (
+    DeliveryCounts,
+    DeliveryStatus,
+    DisabledTarget,
+    FeedRow,
+    FeedState,
+    FetchResult,
+    FetchStatus,
+    Issue,
+    IssueStatus,
+    ListedSubscriber,
+    ListSource,
+    Pending,
+    PendingPost,
+    PostCounts,
+    PostKind,
+    PostStatus,
+    StoredEntry,
+    Subscriber,
+    SubscriberCounts,
+    SubscriberRow,
+    Suppression,
+    clamp_ttl,
+    now,
+)
+from ..storage import ListReader
+from .database import Database
+
+# A new copy of a list is gathered here, in SQLite's temporary database: writing it takes no
+# lock on the state database, however long reading and checking the file takes.
+STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS subscriber_staging (
+    key TEXT PRIMARY KEY, email TEXT NOT NULL, raw TEXT NOT NULL, name TEXT NOT NULL,
+    fields TEXT NOT NULL, line INTEGER NOT NULL
+)
+"""
+
+# SQL fragments over ``subscribers s``; parameters: the list name for each ``?``.
+_CURRENT = "s.list_name = ? AND s.generation = (SELECT generation FROM subscriber_lists WHERE name = ?)"
+_NOT_SUPPRESSED = "NOT EXISTS (SELECT 1 FROM suppressions u WHERE u.list_name = ? AND u.address = s.key)"
+_ACTIVE = f"{_CURRENT} AND {_NOT_SUPPRESSED}"
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="seconds")
+
+
+class SQLiteStore(Database):
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- meta -------------------------------------------------------------------------------
+
+    def secret(self, name: str) -> str:
+        """A per-installation random secret, made on first use (used when none is in the env)."""
+        with self.transaction():
+            row = self.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()
+            if row:
+                return str(row["value"])
+            value = secrets.token_urlsafe(32)
+            self.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (name, value))
+            return value
+
+    def meta(self, key: str) -> str | None:
+        row = self.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row["value"]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def last_run(self, schedule: str) -> datetime | None:
+        value = self.meta(f"last_run:{schedule}")
+        return datetime.fromisoformat(value) if value else None
+
+    def set_last_run(self, schedule: str, when: datetime) -> None:
+        self.set_meta(f"last_run:{schedule}", _iso(when))
+
+    # -- feeds and entries ------------------------------------------------------------------
+
+    def feed_state(self, url: str) -> FeedState:
+        row = self.execute("SELECT * FROM feeds WHERE url = ?", (url,)).fetchone()
+        if not row:
+            return FeedState(url)
+        return FeedState(url, row["fetch_url"], row["etag"], row["last_modified"])
+
+    def record_fetch(self, result: FetchResult, history: Collection[int] = ()) -> int:
+        """Store a fetch's outcome and its new entries; return how many entries are new.
+
+        ``history``: indexes of ``result.entries`` stored as history (never mailed) if this is
+        the feed's first successful fetch."""
+        stamp = _iso(now())
+        with self.transaction():
+            known = self.execute("SELECT last_ok FROM feeds WHERE url = ?", (result.url,)).fetchone()
+            self.execute(
+                "INSERT INTO feeds (url, last_checked) VALUES (?, ?) ON CONFLICT (url) DO NOTHING",
+                (result.url, stamp),
+            )
+            if result.status == FetchStatus.ERROR:
+                self.execute(
+                    "UPDATE feeds SET last_checked = ?, last_status = ?, last_error = ?,"
+                    " consecutive_errors = consecutive_errors + 1, error_count = error_count + 1"
+                    " WHERE url = ?",
+                    (stamp, FetchStatus.ERROR, result.error, result.url),
+                )
+                return 0
+            self.execute(
+                "UPDATE feeds SET last_checked = ?, last_ok = ?, last_status = ?, last_error = ?,"
+                " consecutive_errors = 0, fetch_url = ?, etag = ?, last_modified = ?,"
+                " title = COALESCE(NULLIF(?, ''), title), link = COALESCE(NULLIF(?, ''), link),"
+                # A 304 says nothing new about the ttl; a full answer without <ttl> clears it, or
+                # one huge ttl sent once would slow the polling of a fixed feed for good.
+                " ttl = CASE WHEN ? THEN ttl ELSE ? END WHERE url = ?",
+                (
+                    stamp,
+                    stamp,
+                    result.status,
+                    result.warning,
+                    result.fetch_url,
+                    result.etag,
+                    result.last_modified,
+                    result.title,
+                    result.link,
+                    result.status == FetchStatus.NOT_MODIFIED,
+                    clamp_ttl(result.ttl),
+                    result.url,
+                ),
+            )
+            first_fetch = not (known and known["last_ok"])
+            backlog = set(history) if first_fetch else set()
+            new = 0
+            for i, e in enumerate(result.entries):
+                cur = self.execute(
+                    "INSERT INTO entries (feed_url, key, title, link, summary_html, author, published,"
+                    " first_seen, image_url, categories, backlog)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (feed_url, key) DO NOTHING",
+                    (
+                        result.url,
+                        e.key,
+                        e.title,
+                        e.link,
+                        e.summary_html,
+                        e.author,
+                        _iso(e.published) if e.published else stamp,
+                        stamp,
+                        e.image_url,
+                        json.dumps(e.categories),
+                        1 if i in backlog else 0,
+                    ),
+                )
+                new += cur.rowcount if i not in backlog else 0
+            return new
+
+    def feeds(self, urls: Iterable[str] | None = None) -> list[FeedRow]:
+        rows = self.execute("SELECT * FROM feeds ORDER BY url").fetchall()
+        wanted = set(urls) if urls is not None else None
+        return [_feed(r) for r in rows if wanted is None or r["url"] in wanted]
+
+    def new_entries(
+        self, feed_urls: list[str], after_id: int, up_to_id: int, limit: int
+    ) -> list[StoredEntry]:
+        """Entries with after_id < id <= up_to_id that are not history, newest first.
+
+        Entries of one date (undated ones are dated when first seen, so all of a fetch share
+        one) keep the feed's document order, which lists the newest first: id ascending."""
+        marks = ",".join("?" * len(feed_urls))
+        rows = self.execute(
+            f"SELECT * FROM entries WHERE feed_url IN ({marks}) AND id > ? AND id <= ?"
+            " AND backlog = 0 ORDER BY published DESC, id ASC LIMIT ?",
+            (*feed_urls, after_id, up_to_id, limit),
+        ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def entries(self, ids: list[int]) -> list[StoredEntry]:
+        marks = ",".join("?" * len(ids))
+        rows = self.execute(f"SELECT * FROM entries WHERE id IN ({marks})", ids).fetchall()
+        by_id = {r["id"]: _entry(r) for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def max_entry_id(self) -> int:
+        return int(self.execute("SELECT COALESCE(MAX(id), 0) FROM entries").fetchone()[0])
+
+    # -- issues and the ledger ----------------------------------------------------------------
+
+    def watermark(self, schedule: str) -> int:
+        row = self.execute(
+            "SELECT COALESCE(MAX(entry_watermark), 0) FROM issues WHERE schedule = ?", (schedule,)
+        ).fetchone()
+        return int(row[0])
+
+    def create_issue(
+        self,
+        schedule: str,
+        *,
+        watermark: int,
+        entry_ids: list[int],
+        subject: str,
+        payload: dict[str, Any],
+        list_name: str | None,
+    ) -> Issue:
+        """Record an issue and, all or nothing, one pending delivery per subscriber of
+        ``list_name`` who has not unsubscribed (none for a test send: ``list_name=None``)."""
+        stamp = now()
+        with self.transaction():
+            number = 1 + int(
+                self.execute(
+                    "SELECT COALESCE(MAX(number), 0) FROM issues WHERE schedule = ?", (schedule,)
+                ).fetchone()[0]
+            )
+            cur = self.execute(
+                "INSERT INTO issues (schedule, number, created_at, status, entry_watermark,"
+                " entry_ids, subject, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    schedule,
+                    number,
+                    _iso(stamp),
+                    IssueStatus.SENDING,
+                    watermark,
+                    json.dumps(entry_ids),
+                    subject,
+                    json.dumps(payload),
+                ),
+            )
+            issue_id = int(cur.lastrowid or 0)
+            if list_name is not None:
+                # In SQL, not Python: the ledger of 100,000 rows never passes through memory.
+                self.execute(
+                    "INSERT INTO deliveries (issue_id, recipient, status, updated_at)"
+                    " SELECT ?, s.key, ?, ? FROM subscribers s"
+                    f" WHERE {_ACTIVE} ON CONFLICT DO NOTHING",
+                    (issue_id, DeliveryStatus.PENDING, _iso(stamp), list_name, list_name, list_name),
+                )
+        return Issue(issue_id, schedule, number, stamp, IssueStatus.SENDING, entry_ids, subject, payload)
+
+    def issue_by_id(self, issue_id: int) -> Issue | None:
+        row = self.execute("SELECT * FROM issues WHERE id = ?", (issue_id,)).fetchone()
+        return _issue(row) if row else None
+
+    def unfinished_issues(self, schedule: str) -> list[Issue]:
+        rows = self.execute(
+            "SELECT * FROM issues WHERE schedule = ? AND status = ? ORDER BY number",
+            (schedule, IssueStatus.SENDING),
+        ).fetchall()
+        return [_issue(r) for r in rows]
+
+    def issues(self, schedule: str, limit: int = 5) -> list[Issue]:
+        rows = self.execute(
+            "SELECT * FROM issues WHERE schedule = ? ORDER BY number DESC LIMIT ?", (schedule, limit)
+        ).fetchall()
+        return [_issue(r) for r in rows]
+
+    def pending(self, issue_id: int, list_name: str, after: str = "", limit: int = 500) -> list[Pending]:
+        """The next ``limit`` deliveries still to be made, in recipient order after ``after``.
+
+        A page at a time, so memory does not grow with the list. Each comes with the
+        subscriber as the list has them now: None when they left the file since the issue
+        was built."""
+        rows = self.execute(
+            "SELECT d.recipient, d.attempts, s.email, s.name, s.fields,"
+            " EXISTS (SELECT 1 FROM suppressions WHERE list_name = ? AND address = d.recipient)"
+            " AS suppressed FROM deliveries d LEFT JOIN subscribers s ON s.list_name = ?"
+            " AND s.generation = (SELECT generation FROM subscriber_lists WHERE name = ?)"
+            " AND s.key = d.recipient"
+            " WHERE d.issue_id = ? AND d.status = ? AND d.recipient > ?"
+            " ORDER BY d.recipient LIMIT ?",
+            (list_name, list_name, list_name, issue_id, DeliveryStatus.PENDING, after, limit),
+        ).fetchall()
+        return [
+            Pending(
+                r["recipient"],
+                r["attempts"],
+                _subscriber(r) if r["email"] is not None else None,
+                bool(r["suppressed"]),
+            )
+            for r in rows
+        ]
+
+    def record_delivery(self, issue_id: int, recipient: str, status: DeliveryStatus, error: str = "") -> None:
+        # One autocommitted statement per delivery: the ledger is never behind the wire by
+        # more than the message in flight.
+        self.execute(
+            "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
+            " updated_at = ? WHERE issue_id = ? AND recipient = ?",
+            (status, error, _iso(now()), issue_id, recipient),
+        )
+
+    def skip_delivery(self, issue_id: int, recipient: str, reason: str) -> None:
+        self.execute(
+            "UPDATE deliveries SET status = ?, last_error = ?, updated_at = ?"
+            " WHERE issue_id = ? AND recipient = ?",
+            (DeliveryStatus.SKIPPED, reason, _iso(now()), issue_id, recipient),
+        )
+
+    def finish_issue_if_done(self, issue_id: int) -> bool:
+        cur = self.execute(
+            "UPDATE issues SET status = ? WHERE id = ? AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries WHERE issue_id = ? AND status = ?)",
+            (IssueStatus.COMPLETE, issue_id, issue_id, DeliveryStatus.PENDING),
+        )
+        return cur.rowcount > 0
+
+    def delivery_counts(self, issue_id: int) -> DeliveryCounts:
+        rows = self.execute(
+            "SELECT status, COUNT(*) AS n FROM deliveries WHERE issue_id = ? GROUP BY status",
+            (issue_id,),
+        ).fetchall()
+        return DeliveryCounts(**{DeliveryStatus(r["status"]).value: r["n"] for r in rows})
+
+    # -- subscriber lists: subscribers/NAME.csv, checked once per change of the file ---------
+
+    def subscriber_source(self, list_name: str) -> ListSource | None:
+        """Which file the stored copy was read from and its problems; None if never read."""
+        row = self.execute(
+            "SELECT source, problems FROM subscriber_lists WHERE name = ?", (list_name,)
+        ).fetchone()
+        return ListSource(str(row["source"]), json.loads(row["problems"])) if row else None
+
+    def replace_subscribers(self, list_name: str, source: str, reuse: bool, read: ListReader) -> list[str]:
+        """Write a new copy of a list with what ``read`` adds; it replaces the old one only
+        when ``read`` returns, with the problems it returns.
+
+        The rows are staged first, holding no write lock, then moved in one short
+        transaction. ``reuse``: an address checked for the previous copy is taken as it was.
+        """
+        self.execute(STAGING)
+        self.execute("DELETE FROM temp.subscriber_staging")
+        row = self.execute("SELECT generation FROM subscriber_lists WHERE name = ?", (list_name,)).fetchone()
+        staging = _Staging(self, list_name, int(row["generation"]) if row and reuse else None)
+        try:
+            with self.transaction(write=False):
+                problems = read(staging)
+            with self.transaction():
+                row = self.execute(
+                    "SELECT generation FROM subscriber_lists WHERE name = ?", (list_name,)
+                ).fetchone()
+                new = (int(row["generation"]) if row else 0) + 1
+                self.execute(
+                    "DELETE FROM subscribers WHERE list_name = ? AND generation >= ?", (list_name, new)
+                )
+                self.execute(
+                    "INSERT INTO subscribers (list_name, generation, key, email, raw, name, fields, line)"
+                    " SELECT ?, ?, key, email, raw, name, fields, line FROM temp.subscriber_staging",
+                    (list_name, new),
+                )
+                self.execute(
+                    "INSERT INTO subscriber_lists (name, source, generation, problems, loaded_at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET source = excluded.source,"
+                    " generation = excluded.generation, problems = excluded.problems,"
+                    " loaded_at = excluded.loaded_at",
+                    (list_name, source, new, json.dumps(problems), _iso(now())),
+                )
+                self.execute(
+                    "DELETE FROM subscribers WHERE list_name = ? AND generation != ?", (list_name, new)
+                )
+        finally:
+            self.execute("DELETE FROM temp.subscriber_staging")
+        return problems
+
+    def subscriber_counts(self, list_name: str) -> SubscriberCounts:
+        row = self.execute(
+            f"SELECT COUNT(*) AS total, SUM({_NOT_SUPPRESSED}) AS active FROM subscribers s WHERE {_CURRENT}",
+            (list_name, list_name, list_name),
+        ).fetchone()
+        return SubscriberCounts(int(row["total"]), int(row["active"] or 0))
+
+    def subscriber(self, list_name: str, address: str) -> Subscriber | None:
+        row = self.execute(
+            f"SELECT * FROM subscribers s WHERE {_CURRENT} AND key = ?",
+            (list_name, list_name, address.lower()),
+        ).fetchone()
+        return _subscriber(row) if row else None
+
+    def subscribers(self, list_name: str, page: int = 500) -> Iterator[ListedSubscriber]:
+        """The list in file order, read ``page`` rows at a time."""
+        after = 0
+        while rows := self.execute(
+            f"SELECT *, NOT {_NOT_SUPPRESSED} AS suppressed FROM subscribers s WHERE {_CURRENT}"
+            " AND line > ? ORDER BY line LIMIT ?",
+            (list_name, list_name, list_name, after, page),
+        ).fetchall():
+            yield from (ListedSubscriber(_subscriber(r), bool(r["suppressed"])) for r in rows)
+            after = rows[-1]["line"]
+
+    def subscriber_fields(self, list_name: str) -> list[str]:
+        """Every extra column any subscriber of the list has, sorted."""
+        rows = self.execute(
+            f"SELECT DISTINCT j.key FROM subscribers s, json_each(s.fields) j WHERE {_CURRENT}"
+            " ORDER BY j.key",
+            (list_name, list_name),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    # -- suppressions: addresses that unsubscribed stay unsubscribed ----------------------------
+
+    def suppress(self, list_name: str, address: str, source: str) -> bool:
+        """Record an unsubscribe; False when the address was already suppressed."""
+        cur = self.execute(
+            "INSERT INTO suppressions (list_name, address, created_at, source) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (list_name, address.lower(), _iso(now()), source),
+        )
+        return cur.rowcount > 0
+
+    def suppressed(self, list_name: str) -> list[Suppression]:
+        rows = self.execute(
+            "SELECT address, created_at, source FROM suppressions WHERE list_name = ? ORDER BY address",
+            (list_name,),
+        ).fetchall()
+        return [Suppression(r["address"], datetime.fromisoformat(r["created_at"]), r["source"]) for r in rows]
+
+    # -- webhook posts ---------------------------------------------------------------------------
+
+    def queue_post(self, target: str, item_id: str, schedule: str, kind: PostKind, ref: int) -> int:
+        stamp = _iso(now())
+        cur = self.execute(
+            "INSERT INTO posts (target, item_id, schedule, kind, ref, status, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (target, item_id, schedule, kind, ref, PostStatus.PENDING, stamp, stamp),
+        )
+        return cur.rowcount
+
+    def pending_posts(self, target: str, schedule: str) -> list[PendingPost]:
+        """Posts still to make, oldest first."""
+        rows = self.execute(
+            "SELECT item_id, kind, ref, attempts FROM posts WHERE target = ? AND schedule = ?"
+            " AND status = ? ORDER BY rowid",
+            (target, schedule, PostStatus.PENDING),
+        ).fetchall()
+        return [PendingPost(r["item_id"], PostKind(r["kind"]), r["ref"], r["attempts"]) for r in rows]
+
+    def record_post(
+        self, target: str, item_id: str, status: PostStatus, error: str = "", location: str = ""
+    ) -> None:
+        self.execute(
+            "UPDATE posts SET status = ?, attempts = attempts + 1, last_error = ?, location = ?,"
+            " updated_at = ? WHERE target = ? AND item_id = ?",
+            (status, error, location, _iso(now()), target, item_id),
+        )
+
+    def post_counts(self, target: str, schedule: str) -> PostCounts:
+        rows = self.execute(
+            "SELECT status, COUNT(*) AS n FROM posts WHERE target = ? AND schedule = ? GROUP BY status",
+            (target, schedule),
+        ).fetchall()
+        return PostCounts(**{PostStatus(r["status"]).value: r["n"] for r in rows})
+
+    def disable_target(self, name: str, reason: str, fingerprint: str) -> None:
+        self.execute(
+            "INSERT INTO targets (name, reason, fingerprint, disabled_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET reason = excluded.reason,"
+            " fingerprint = excluded.fingerprint, disabled_at = excluded.disabled_at",
+            (name, reason, fingerprint, _iso(now())),
+        )
+
+    def disabled_target(self, name: str) -> DisabledTarget | None:
+        row = self.execute("SELECT reason, fingerprint FROM targets WHERE name = ?", (name,)).fetchone()
+        return DisabledTarget(str(row["reason"]), str(row["fingerprint"])) if row else None
+
+    def enable_target(self, name: str) -> None:
+        self.execute("DELETE FROM targets WHERE name = ?", (name,))
+
+    # -- locks: one run of a schedule at a time, across processes ----------------------------
+
+    def acquire_lock(self, name: str, owner: str, ttl: float, *, dead: str | None = None) -> str | None:
+        """Take the lock, or return who holds it. A lock past its ``ttl`` is free; one held by
+        ``dead`` (a holder the caller found gone) is taken over if that one still holds it."""
+        stamp = now()
+        with self.transaction():
+            row = self.execute("SELECT owner, expires_at FROM locks WHERE name = ?", (name,)).fetchone()
+            if (
+                row
+                and row["owner"] not in (owner, dead)
+                and datetime.fromisoformat(row["expires_at"]) > stamp
+            ):
+                return str(row["owner"])
+            self.execute(
+                "INSERT INTO locks (name, owner, acquired_at, expires_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                " acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
+                (name, owner, _iso(stamp), _iso(stamp + timedelta(seconds=ttl))),
+            )
+            return None
+
+    def refresh_lock(self, name: str, owner: str, ttl: float) -> None:
+        self.execute(
+            "UPDATE locks SET expires_at = ? WHERE name = ? AND owner = ?",
+            (_iso(now() + timedelta(seconds=ttl)), name, owner),
+        )
+
+    def release_lock(self, name: str, owner: str) -> None:
+        self.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
+
+
+class _Staging:
+    """The new copy of a list, in ``temp.subscriber_staging``: ``storage.SubscriberStaging``."""
+
+    def __init__(self, store: Database, list_name: str, previous: int | None) -> None:
+        self.store, self.list_name, self.previous = store, list_name, previous
+
+    def checked(self, raw: str) -> str | None:
+        """The checked address ``raw`` became in the previous copy, so it is not checked twice."""
+        if self.previous is None:
+            return None
+        row = self.store.execute(
+            "SELECT email FROM subscribers WHERE list_name = ? AND generation = ? AND raw = ?",
+            (self.list_name, self.previous, raw),
+        ).fetchone()
+        return str(row["email"]) if row else None
+
+    def add(self, row: SubscriberRow) -> int | None:
+        """Add a subscriber; if the address is already in this copy, the line it is on."""
+        sub = row.subscriber
+        cur = self.store.execute(
+            "INSERT INTO temp.subscriber_staging (key, email, raw, name, fields, line)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (sub.key, sub.email, row.raw, sub.name, json.dumps(sub.fields), row.line),
+        )
+        if cur.rowcount:
+            return None
+        first = self.store.execute(
+            "SELECT line FROM temp.subscriber_staging WHERE key = ?", (sub.key,)
+        ).fetchone()
+        return int(first["line"])
+
+
+def _subscriber(row: sqlite3.Row) -> Subscriber:
+    return Subscriber(row["email"], row["name"], json.loads(row["fields"]))
+
+
+def _feed(row: sqlite3.Row) -> FeedRow:
+    status = row["last_status"]
+    return FeedRow(
+        url=row["url"],
+        title=row["title"],
+        link=row["link"],
+        fetch_url=row["fetch_url"],
+        etag=row["etag"],
+        last_modified=row["last_modified"],
+        last_checked=row["last_checked"],
+        last_ok=row["last_ok"],
+        last_status=FetchStatus(status) if status else None,
+        last_error=row["last_error"],
+        consecutive_errors=row["consecutive_errors"],
+        error_count=row["error_count"],
+        # A ttl stored before it was clamped (10**15 minutes, say) must not break every poll.
+        ttl=clamp_ttl(row["ttl"]),
+    )
+
+
+def _entry(row: sqlite3.Row) -> StoredEntry:
+    return StoredEntry(
+        id=row["id"],
+        feed_url=row["feed_url"],
+        title=row["title"],
+        link=row["link"],
+        summary_html=row["summary_html"],
+        author=row["author"],
+        published=datetime.fromisoformat(row["published"]),
+        image_url=row["image_url"],
+        categories=json.loads(row["categories"]),
+        first_seen=datetime.fromisoformat(row["first_seen"]),
+    )
+
+
+def _issue(row: sqlite3.Row) -> Issue:
+    return Issue(
+        id=row["id"],
+        schedule=row["schedule"],
+        number=row["number"],
+        created_at=datetime.fromisoformat(row["created_at"]),
+        status=IssueStatus(row["status"]),
+        entry_ids=json.loads(row["entry_ids"]),
+        subject=row["subject"],
+        payload=json.loads(row["payload"]),
+    )
