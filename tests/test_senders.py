@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +15,16 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from conftest import FeedServer, Mailbox, Project, Route, free_port, item, rss
-from newsletter.errors import DeliveryError
+from newsletter.config import load_config
+from newsletter.errors import ConfigError, DeliveryError
 from newsletter.senders import Outgoing, forget_plugins, sender_types
+from newsletter.senders.bluesky import BlueskySender
+from newsletter.senders.discord import DiscordSender
+from newsletter.senders.mastodon import MastodonSender
+from newsletter.senders.slack import SlackSender
 from newsletter.senders.smtp import SmtpOptions, SmtpSender
+from newsletter.senders.throttle import Throttle
+from newsletter.senders.webhook import WebhookSender
 
 
 def test_built_in_senders_come_from_the_entry_point_group() -> None:
@@ -26,6 +34,84 @@ def test_built_in_senders_come_from_the_entry_point_group() -> None:
     assert names["smtp"] == "newsletter.senders.smtp:SmtpSender"
     assert names["file"] == "newsletter.senders.file:FileSender"
     assert sender_types()["smtp"] is SmtpSender
+
+
+def test_the_smtp_sender_loads_no_renderer_web_framework_database_or_http_client() -> None:
+    heavy = ("jinja2", "premailer", "flask", "sqlite3", "_sqlite3", "requests")
+    code = f"import sys, newsletter.senders.smtp; print(*[m for m in {heavy!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == []
+
+
+SERVICES = {
+    "slack": SlackSender,
+    "discord": DiscordSender,
+    "mastodon": MastodonSender,
+    "bluesky": BlueskySender,
+}
+
+
+def test_each_service_is_its_own_type_and_the_format_key_still_maps_to_it(project: Project) -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="newsletter.senders")}
+    options = {
+        "slack": "    url: https://hooks.slack.com/services/T1/B1/x\n",
+        "discord": "    url: https://discord.com/api/webhooks/1/tok\n",
+        "mastodon": "    url: https://mastodon.test/\n    token_env: TOKEN\n    visibility: unlisted\n",
+        "bluesky": "    identifier: news.example.net\n    password_env: BSKY_PASSWORD\n",
+    }
+    senders = "".join(
+        f"  new_{kind}:\n    type: {kind}\n{opts}  old_{kind}:\n    type: webhook\n    format: {kind}\n{opts}"
+        for kind, opts in options.items()
+    )
+    project.setup(["feed.xml"])
+    project.config.write_text(project.config.read_text().replace("schedules:\n", senders + "schedules:\n"))
+    config = load_config(project.config)
+    for kind, cls in SERVICES.items():
+        assert names[kind] == f"newsletter.senders.{kind}:{cls.__name__}"
+        new, old = config.sender(f"new_{kind}"), config.sender(f"old_{kind}")
+        assert type(new) is cls and type(old) is cls
+        assert new.options == old.options
+    assert config.sender("old_mastodon").options.model_dump()["url"] == "https://mastodon.test"
+    assert config.sender("old_bluesky").options.model_dump()["url"] == "https://bsky.social"
+
+    # Each service's options refuse what is not theirs, naming the file and the key.
+    project.config.write_text(
+        project.config.read_text().replace("    type: slack\n", "    type: slack\n    secret_env: S\n")
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(project.config)
+    assert f"{project.config}: senders.new_slack.secret_env: unknown key" in str(err.value)
+
+
+def test_each_service_declares_its_post_length() -> None:
+    # How each counts and how long a post may be: social.py asks the sender, it does not guess.
+    limits = {kind: (cls.text_rule, cls.text_limit) for kind, cls in SERVICES.items()}
+    assert limits == {
+        "slack": ("mastodon", 3000),
+        "discord": ("mastodon", 2000),
+        "mastodon": ("mastodon", None),  # per instance: the schedule's share.mastodon_limit
+        "bluesky": ("bluesky", 300),
+    }
+    assert (WebhookSender.text_rule, WebhookSender.text_limit) == ("mastodon", None)
+
+
+def test_one_throttle_paces_sends_and_honours_a_hold() -> None:
+    now, waits = [100.0], []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    paced = Throttle(4, clock=lambda: now[0], sleep=sleep)
+    for _ in range(3):
+        paced.wait()
+    assert waits == [0.25, 0.25]  # the first goes at once
+    held = Throttle(max_wait=2, clock=lambda: now[0], sleep=sleep)
+    held.hold(60)  # a target asked for a minute; no single wait is longer than max_wait
+    held.wait()
+    assert waits[-1] == 2
 
 
 PLUGIN = """

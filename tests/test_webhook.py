@@ -27,14 +27,11 @@ from pydantic import ValidationError
 
 from conftest import FeedServer, Project, Route, free_port
 from newsletter.errors import DeliveryError, PermanentFailure, TargetGone, TemporaryFailure
-from newsletter.senders import Post, forget_plugins, sender_types
-from newsletter.senders.webhook import (
-    WebhookOptions,
-    WebhookSender,
-    bluesky_facets,
-    defuse_mentions,
-    with_query,
-)
+from newsletter.senders import Post, SenderSpec, forget_plugins, sender_types
+from newsletter.senders.bluesky import bluesky_facets
+from newsletter.senders.discord import defuse_mentions
+from newsletter.senders.http import HttpSender, with_query
+from newsletter.senders.webhook import WebhookOptions, WebhookSender
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -141,11 +138,14 @@ def serve() -> Iterator[Callable[[Respond], Receiver]]:
         r.close()
 
 
-def sender(tmp_path: Path, **options: Any) -> WebhookSender:
-    return WebhookSender("hook", WebhookOptions.model_validate(options), tmp_path)
+def sender(tmp_path: Path, **options: Any) -> HttpSender:
+    # As schedules.yaml's type: webhook builds it: format: X is served by X's own sender.
+    built = SenderSpec("hook", WebhookSender, WebhookOptions.model_validate(options), tmp_path).build()
+    assert isinstance(built, HttpSender)
+    return built
 
 
-def watch_waits(s: WebhookSender, *, real: bool = True) -> list[float]:
+def watch_waits(s: HttpSender, *, real: bool = True) -> list[float]:
     """Record every wait the sender asks for (and, with real, actually wait)."""
     waits: list[float] = []
 
@@ -941,3 +941,32 @@ def test_a_failing_target_never_shows_or_stores_its_secrets(
     for secret in secrets:
         assert secret not in result.output, secret
         assert secret not in error, secret
+
+
+def test_a_target_that_does_not_answer_holds_one_item_not_the_whole_run(
+    serve: Callable[[Respond], Receiver], project: Project, feed_server: FeedServer
+) -> None:
+    import sqlite3
+
+    from conftest import item, rss
+
+    def hang(hit: Hit, n: int) -> Reply:
+        receiver.release.wait(30)
+        return ok()
+
+    receiver = serve(hang)
+    feed_server.routes["/feed.xml"] = Route(rss([item(n) for n in range(1, 6)]))
+    hook_project(
+        project,
+        feed_server.url("/feed.xml"),
+        f"    format: slack\n    url: {receiver.url('/services/T/B/X')}\n"
+        "    timeout: 0.5\n    retries: 2\n    max_wait: 0.1\n",
+    )
+    result = project.run("post", "weekly")
+    assert result.exit_code == 1, result.output
+    # One item waited out its two attempts; the four behind it were not each waited out too.
+    assert len(receiver.hits) == 2
+    assert "no full answer within 0.5 s" in result.output
+    with sqlite3.connect(project.root / "state.db") as db:
+        statuses = [s for (s,) in db.execute("SELECT status FROM posts")]
+    assert statuses == ["pending"] * 5  # nothing failed, nothing lost: the next run goes on

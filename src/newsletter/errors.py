@@ -39,6 +39,14 @@ class TemporaryFailure(Exception):
     """A recipient was refused for now (4xx): the delivery stays pending for a later run."""
 
 
+class TargetUnavailable(TemporaryFailure):
+    """A target did not answer at all, or asked to be left alone for longer than we wait.
+
+    Every later item to the same target would wait the same way, so the run stops posting to
+    it: this item and the rest stay pending for a later run.
+    """
+
+
 class PermanentFailure(Exception):
     """A recipient was refused for good (5xx): the delivery is marked failed with this reply."""
 

@@ -4,14 +4,15 @@ Two kinds of secret travel in text: values the configuration took from the envir
 (``${VAR}``, ``password_env``, ``token_env``...), and the parts of a URL that act as a
 password (``user:pass@``, a token in the query, the path of a Slack, Discord, Teams or
 Telegram webhook). ``redact`` blanks both; every error the CLI prints, every daemon log line
-and every stored ``last_error`` goes through it.
+and every stored ``last_error`` goes through it. ``redact_url`` also knows one target's own
+address, whatever its host, for the senders that quote it.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 MASK = "***"
 # Very short values ("1", "on", a port) would blank unrelated text and protect nothing.
@@ -68,3 +69,22 @@ def redact(text: str) -> str:
     text = _QUERY_SECRET.sub(rf"\1{MASK}", text)
     text = _TOKEN_PATH.sub(rf"\1{MASK}", text)
     return _AUTH_HEADER.sub(rf"\1 {MASK}", text)
+
+
+def redact_url(text: str, url: str, *, secret_path: bool) -> str:
+    """``text`` (an error, a reply, an address) with the secrets of ``url`` blanked, then
+    everything ``redact`` blanks.
+
+    ``url`` is a target's configured address: its password always goes, and with
+    ``secret_path`` (Slack, Discord and most JSON receivers carry the credential in the path
+    or the query) its path and query too, so the address itself shows as ``https://host/…``.
+    """
+    parts = urlsplit(url)
+    if parts.password:
+        text = text.replace(parts.password, MASK)
+    if secret_path:
+        if parts.path not in ("", "/"):
+            text = text.replace(parts.path, "/…")
+        if parts.query:
+            text = text.replace(parts.query, "…")
+    return redact(text)

@@ -7,6 +7,10 @@ in a package's metadata::
     [project.entry-points."newsletter.senders"]
     smtp = "newsletter.senders.smtp:SmtpSender"
 
+One module per service: ``smtp`` and ``file`` mail; ``webhook`` (Standard Webhooks JSON),
+``slack``, ``discord``, ``mastodon`` and ``bluesky`` post, sharing the HTTP layer in
+``senders/http.py``; ``senders/throttle.py`` paces SMTP and HTTP alike.
+
 ``send`` (email) and ``post`` (webhooks) raise :class:`TemporaryFailure` (retry later) or
 :class:`PermanentFailure` (give up) for one item, :class:`TargetGone` when the target is gone
 for good (HTTP 410), and :class:`DeliveryError` when the sender cannot go on at all.
@@ -65,12 +69,24 @@ class Sender:
     Options: ClassVar[type[SenderOptions]] = SenderOptions
     mails: ClassVar[bool] = True  # can deliver email messages (send)
     posts: ClassVar[bool] = False  # can announce articles and issues (post)
-    network: ClassVar[str] = ""  # whose counting rules post texts must fit ("mastodon", ...)
+    network: ClassVar[str] = ""  # the service's name: the utm_source of the links it posts
+    # How the service counts a post's text (a network of share.py: "mastodon" counts characters
+    # and a link as 23) and the most it takes by that count; None: no limit of its own. Under
+    # the "mastodon" rule the schedule's share.mastodon_limit caps it too (Mastodon's own limit
+    # is per instance, and the services that count like it get a toot-sized text).
+    text_rule: ClassVar[str] = "mastodon"
+    text_limit: ClassVar[int | None] = None
 
     def __init__(self, name: str, options: SenderOptions, base_dir: Path) -> None:
         self.name = name
         self.options = options
         self.base_dir = base_dir
+
+    @classmethod
+    def resolve(cls, options: SenderOptions) -> tuple[type[Sender], SenderOptions]:
+        """The type and options that serve a configuration of this type: itself, unless the
+        options are a deprecated spelling of another type (``type: webhook, format: slack``)."""
+        return cls, options
 
     def open(self) -> None:
         """Called once before a batch; connect here."""
@@ -112,6 +128,11 @@ class SenderSpec:
     cls: type[Sender]
     options: SenderOptions
     base_dir: Path
+
+    def __post_init__(self) -> None:
+        cls, options = self.cls.resolve(self.options)
+        object.__setattr__(self, "cls", cls)
+        object.__setattr__(self, "options", options)
 
     @property
     def mails(self) -> bool:

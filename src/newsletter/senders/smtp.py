@@ -6,13 +6,13 @@ import ipaddress
 import os
 import smtplib
 import ssl
-import time
 
 from pydantic import Field, model_validator
 
 from ..errors import DeliveryError, PermanentFailure, TemporaryFailure
 from ..redact import remember
 from . import Outgoing, Sender, SenderOptions
+from .throttle import Throttle
 
 
 def is_loopback(host: str) -> bool:
@@ -78,7 +78,7 @@ class SmtpSender(Sender):
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self._conn: smtplib.SMTP | None = None
-        self._next_slot = 0.0
+        self._throttle = Throttle(self.options.rate_limit)
 
     @property
     def port(self) -> int:
@@ -148,17 +148,8 @@ class SmtpSender(Sender):
                 self._conn.close()
             self._conn = None
 
-    def _pace(self) -> None:
-        if not self.options.rate_limit:
-            return
-        now = time.monotonic()
-        if self._next_slot > now:
-            time.sleep(self._next_slot - now)
-            now = self._next_slot
-        self._next_slot = now + 1.0 / self.options.rate_limit
-
     def send(self, message: Outgoing) -> None:
-        self._pace()
+        self._throttle.wait()
         for attempt in (1, 2):
             if self._conn is None:
                 self._conn = self._connect()
