@@ -176,3 +176,24 @@ def test_the_digest_fetch_deadline_is_a_setting(folder: Path) -> None:
     assert "fetch.digest_timeout: Input should be greater than 0" in error(
         folder, "fetch:\n  digest_timeout: 0\n" + GOOD
     )
+
+
+def test_the_store_busy_timeout_is_a_setting_and_the_config_opens_its_stores_with_it(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta
+
+    assert load(folder, GOOD).settings.busy_timeout == timedelta(seconds=30)
+    config = load(folder, "busy_timeout: 2s\n" + GOOD)
+    assert config.settings.busy_timeout == timedelta(seconds=2)
+    assert load(folder, "busy_timeout: 1.5\n" + GOOD).settings.busy_timeout == timedelta(seconds=1.5)
+    assert "busy_timeout: Value error, not a duration: 'soon'" in error(folder, "busy_timeout: soon\n" + GOOD)
+    assert "busy_timeout: Input should be greater than 0" in error(folder, "busy_timeout: 0\n" + GOOD)
+    # Every command, daemon job and web request opens its store here (the fault suite's lock
+    # tests show the wait end to end); this is the value that reaches the store.
+    opened: list[tuple[str, float]] = []
+    monkeypatch.setattr(
+        "newsletter.store.Store", lambda url, busy_timeout: opened.append((url, busy_timeout)) or "store"
+    )
+    assert config.open_store() == "store"  # type: ignore[comparison-overlap]
+    assert opened == [(config.database_url, 2.0)]

@@ -24,6 +24,8 @@ from .senders import Sender, SenderSpec, sender_names, sender_type
 if TYPE_CHECKING:
     from apscheduler.triggers.base import BaseTrigger
 
+    from .store import Store
+
 DEFAULT_CONFIG = "schedules.yaml"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -201,6 +203,9 @@ class Settings(Strict):
     timezone: str = "UTC"
     # Unsubscribe links older than this are refused (the page says so); null: never.
     unsubscribe_link_days: float | None = Field(365, gt=0)
+    # How long a write waits for another process's transaction before the run fails with
+    # "database is locked": long enough for a daemon job and a CLI run to take turns.
+    busy_timeout: timedelta = Field(timedelta(seconds=30), gt=timedelta(0))
     fetch: FetchSettings = FetchSettings()
     senders: dict[str, dict[str, Any]]
     schedules: dict[str, Schedule] = Field(min_length=1)
@@ -210,6 +215,13 @@ class Settings(Strict):
     def _zone(cls, value: str) -> str:
         zone(value)
         return value
+
+    @field_validator("busy_timeout", mode="before")
+    @classmethod
+    def _busy_timeout(cls, value: Any) -> Any:
+        # "30s" or "2m" like every other duration in the file (a bare number is seconds, which
+        # pydantic reads itself); parsed here, once, so the rest of the code sees a timedelta.
+        return parse_duration(value) if isinstance(value, str) else value
 
 
 class Config:
@@ -283,6 +295,13 @@ class Config:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             return "sqlite:///" + str(self.resolve(url[len("sqlite:///") :]))
         return url
+
+    def open_store(self) -> Store:
+        """A new connection to the state database, for one job, request or command; close it."""
+        # Imported when used: a command that only reads the config loads no database code.
+        from .store import Store
+
+        return Store(self.database_url, busy_timeout=self.settings.busy_timeout.total_seconds())
 
     @property
     def outbox(self) -> Path:

@@ -26,10 +26,10 @@ from . import digest, social
 from .config import Config, load_config
 from .errors import BusyError, NewsletterError
 from .feeds import fetch_all
+from .model import FetchStatus
 from .redact import redact
 from .sanitize import printable
 from .schedule import missed_run, parse_duration
-from .store import Store
 
 log = logging.getLogger("newsletter")
 POLL_TICK = timedelta(seconds=30)  # how often the poller looks for feeds that are due
@@ -69,9 +69,12 @@ class _Formatter(logging.Formatter):
 def setup_logging(log_format: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(_Formatter(log_format == "json"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    # APScheduler speaks for itself ("skipped: maximum number of running instances reached"):
+    # through the same handler, so --log-format json stays one JSON object per line.
+    for logger, level in ((log, logging.INFO), (logging.getLogger("apscheduler"), logging.WARNING)):
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 class Daemon:
@@ -87,16 +90,16 @@ class Daemon:
 
     def poll_feeds(self) -> None:
         config = self.config
-        store = Store(config.database_url)
+        store = config.open_store()
         try:
             now = datetime.now(UTC)
             due = []
-            known = {f["url"]: f for f in store.feeds()}
+            known = {f.url: f for f in store.feeds()}
             for url in dict.fromkeys(config.feed_url(f) for s in config.schedules.values() for f in s.feeds):
                 row = known.get(url)
                 # A feed's own <ttl> is the publisher asking us to wait at least that long.
-                wait = max(config.feed_interval(url), timedelta(minutes=(row or {}).get("ttl") or 0))
-                if row is None or not row["last_checked"] or now - _ts(row["last_checked"]) >= wait:
+                wait = max(config.feed_interval(url), timedelta(minutes=(row.ttl if row else None) or 0))
+                if row is None or not row.last_checked or now - _ts(row.last_checked) >= wait:
                     due.append(store.feed_state(url))
             if not due:
                 return
@@ -104,7 +107,7 @@ class Daemon:
             new = errors = 0
             for report in (digest.record_feed(store, result, fs) for result in fetch_all(due, fs)):
                 new += report.new
-                if report.status == "error":
+                if report.status == FetchStatus.ERROR:
                     errors += 1
                     log.warning(report.error, extra={"event": "feed-error"})
             log.info("polled feeds", extra={"event": "poll", "feeds": len(due), "new": new, "errors": errors})
@@ -115,7 +118,7 @@ class Daemon:
         if self.stop.is_set():
             return
         config = self.config
-        store = Store(config.database_url)
+        store = config.open_store()
         try:
             # A digest pulls its own feeds first (the poller's clock may be 15 minutes off), but
             # only for a few seconds: a slow feed is used as stored, never waited for.
@@ -135,7 +138,7 @@ class Daemon:
         finally:
             store.close()
         for feed in report.feeds:
-            if feed.status == "error":
+            if feed.status == FetchStatus.ERROR:
                 log.warning(
                     f"{feed.error}; the digest uses the entries already stored",
                     extra={"event": "feed-error", "schedule": name},
@@ -165,7 +168,7 @@ class Daemon:
     def post(self, name: str) -> None:
         if self.stop.is_set():
             return
-        store = Store(self.config.database_url)
+        store = self.config.open_store()
         try:
             reports = social.post_new(self.config, store, name, wait=LOCK_WAIT, stop=self.stop)
         except BusyError as exc:
@@ -222,7 +225,7 @@ class Daemon:
             coalesce=True,
             next_run_time=datetime.now(UTC),
         )
-        store = Store(config.database_url)
+        store = config.open_store()
         try:
             for name, schedule in config.schedules.items():
                 trigger = config.trigger(name)
