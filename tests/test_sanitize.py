@@ -24,6 +24,7 @@ TRACKERS = {
     "style-max-height-0": f'<img src="{PIXEL}" style="max-height:0px">',
     "style-single-quoted-with-quotes": f"<img src='{PIXEL}' style='font-family:\"a\";display:none'>",
     "hidden-attribute": f'<img src="{PIXEL}" hidden>',
+    "display-none-behind-a-comment": f'<img src="{PIXEL}" style="display:/**/none">',
     "width-2": f'<img src="{PIXEL}" width="2" height="50">',
     "height-0": f'<img src="{PIXEL}" width="400" height="0">',
     "width-1px": f'<img src="{PIXEL}" width="1px">',
@@ -111,3 +112,15 @@ def test_printable_and_one_line_leave_no_control_character() -> None:
     text = f"a{CONTROL}b\u2028c\u2029d"
     assert not any(c in printable(text) for c in CONTROL)
     assert one_line(text) == "a b c d"
+
+
+# Embeddings, overrides and isolates reorder what the reader sees ("Trojan Source").
+BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def test_bidi_overrides_cannot_reorder_a_title() -> None:
+    title = "Invoice \u202egpj.exe\u202c paid"
+    assert not any(c in one_line(title) for c in BIDI)
+    assert not any(c in printable(f"x{BIDI}y") for c in BIDI)
+    # The marks right-to-left text really uses stay.
+    assert one_line("\u05e9\u05dc\u05d5\u05dd\u200f!") == "\u05e9\u05dc\u05d5\u05dd\u200f!"

@@ -19,7 +19,8 @@ import pytest
 from conftest import FeedServer, Route, item, rss
 from newsletter.config import FetchSettings
 from newsletter.errors import TemporaryFailure
-from newsletter.feeds import FeedState, fetch_feed
+from newsletter.feeds import fetch_feed
+from newsletter.model import FeedState
 from newsletter.senders import Post
 from newsletter.senders.webhook import WebhookOptions, WebhookSender
 
@@ -197,6 +198,11 @@ REFUSED = [
     pytest.param("http://[fd00::1]/feed.xml", "fd00::1", "unique-local", id="unique-local"),
     pytest.param("http://[::ffff:10.0.0.1]/feed.xml", "10.0.0.1", "private", id="v4-mapped"),
     pytest.param("http://224.0.0.1/feed.xml", "224.0.0.1", "multicast", id="multicast"),
+    # The same address spelt as an attacker would: decimal, hex, IPv4 inside IPv6 (NAT64).
+    pytest.param("http://2852039166/latest/", "169.254.169.254", "link-local", id="decimal"),
+    pytest.param("http://0xa9fea9fe/latest/", "169.254.169.254", "link-local", id="hex"),
+    pytest.param("http://[::ffff:169.254.169.254]/x", "169.254.169.254", "link-local", id="v4-mapped-meta"),
+    pytest.param("http://[64:ff9b::a9fe:a9fe]/x", "64:ff9b::a9fe:a9fe", "link-local", id="nat64"),
     # Connecting to 0.0.0.0 reaches this very machine on Linux.
     pytest.param("http://0.0.0.0:{port}/other.xml", "0.0.0.0", "unspecified", id="unspecified"),
 ]
@@ -283,6 +289,13 @@ def test_a_redirect_to_another_scheme_is_refused(feed_server: FeedServer) -> Non
         ("239.255.255.250", "multicast"),
         ("ff02::1", "multicast"),
         ("100.64.0.1", "reserved"),  # carrier-grade NAT: not the Internet either
+        # IPv4 inside IPv6 reaches the IPv4 host: 6to4 and NAT64 gateways.
+        ("2002:a9fe:a9fe::1", "link-local"),
+        ("2002:7f00:1::1", "loopback"),
+        ("64:ff9b::a9fe:a9fe", "link-local"),
+        ("64:ff9b::a00:1", "private"),
+        ("64:ff9b::5db8:d822", "public"),
+        ("64:ff9b:1::a9fe:a9fe", "reserved"),
     ],
 )
 def test_address_classes(address: str, kind: str) -> None:

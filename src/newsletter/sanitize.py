@@ -29,6 +29,7 @@ _ATTR = re.compile(r'\s+([^\s"=/>]+)(?:="([^"]*)")?')
 _LENGTH = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(px)?", re.I)
 # A mail client has no page to resolve //host/path against; some make it file://host/path.
 _SCHEMELESS = re.compile(r'(\s(?:href|src|cite)=")//(?=[^/"])', re.I)
+_CSS_COMMENT = re.compile(r"/\*.*?\*/", re.S)
 _BLOCK = re.compile(r"<(/?)(p|div|br|li|h[1-6]|tr|td|th|blockquote|pre|ul|ol|table)\b", re.I)
 
 
@@ -40,7 +41,8 @@ def _tiny(length: str) -> bool:
 
 def _hidden_by(style: str) -> bool:
     declarations: dict[str, str] = {}
-    for declaration in html.unescape(style).split(";"):
+    # CSS comments may sit anywhere a space may ("display:/**/none").
+    for declaration in _CSS_COMMENT.sub(" ", html.unescape(style)).split(";"):
         key, _, value = declaration.partition(":")
         declarations[key.strip().lower()] = value.lower().replace("!important", "").strip()
     opacity = declarations.get("opacity", "1").rstrip("%")
@@ -106,11 +108,15 @@ def web_link(url: str) -> str:
 
 # C0 controls, DEL and C1 controls: ESC starts terminal escape sequences, BEL rings, NUL
 # truncates C strings. Feed text has no business carrying any of them.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Also the bidi embeddings, overrides and isolates (U+202A-202E, U+2066-2069): they make text
+# read differently from what it is ("Trojan Source"), in a Subject, a terminal or a log line.
+# The marks RTL writing really uses (U+200E/U+200F) stay.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(value: str) -> str:
-    """``value`` with every control character (CR and LF included) turned into a space.
+    """``value`` with every control character (CR and LF included, and the bidi overrides)
+    turned into a space.
 
     Use it on untrusted text bound for a terminal or a log line: nothing in it can move the
     cursor, recolour the screen or start a new line that looks like one of ours.

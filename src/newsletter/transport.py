@@ -64,11 +64,23 @@ class _AddressRefused(Exception):
     pass
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def address_class(address: str) -> str:
     """``public`` or the kind of special-purpose address ``address`` is."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # fe80::1%eth0
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv4 address inside an IPv6 one reaches that IPv4 host: ::ffff:a.b.c.d directly,
+        # 6to4 (2002::/16) and NAT64 (64:ff9b::/96, 64:ff9b:1::/48) through a gateway.
+        if ip in _LOCAL_NAT64:
+            return "reserved"  # where the IPv4 address sits depends on the site's prefix length
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
     # Order matters: 169.254/16 and fc00::/7 are "private" to ipaddress as well.
     if ip.is_loopback:
         return "loopback"
