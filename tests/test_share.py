@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -519,11 +521,16 @@ def test_add_utm_skips_empty_values() -> None:
     )
 
 
-def test_the_config_knows_the_same_networks_as_share() -> None:
-    # config.py keeps its own list so that loading a config does not import share's regexes.
-    from newsletter.config import SHARE_NETWORKS
+def test_the_config_checks_networks_against_share_without_importing_it_up_front() -> None:
+    from newsletter.config import ShareSettings
 
-    assert set(SHARE_NETWORKS) == set(NETWORKS)
+    assert ShareSettings(networks=list(NETWORKS)).networks == list(NETWORKS)
+    with pytest.raises(ValueError, match=r"unknown network\(s\) \['myspace'\]; known: x, mastodon, "):
+        ShareSettings(networks=["x", "myspace"])
+    # share's regexes cost time at import, which a configuration naming no networks must not pay.
+    code = "import sys, newsletter.config; print('newsletter.share' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_top_level_domains_agree_with_the_public_suffix_list() -> None:

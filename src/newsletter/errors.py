@@ -12,6 +12,10 @@ class NewsletterError(Exception):
         super().__init__(message)
         self.hint = hint
 
+    def with_hint(self) -> str:
+        """The problem and, in parentheses, what to do about it: one line for a report or a log."""
+        return f"{self} ({self.hint})" if self.hint else str(self)
+
 
 class ConfigError(NewsletterError):
     """schedules.yaml, a subscriber list or a template is wrong; the message names file and key."""

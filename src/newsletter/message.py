@@ -278,7 +278,7 @@ class Skeleton:
         self.text_open = sep + part.format("plain").encode()
         self.html_open = CRLF + sep + part.format("html").encode()
         self.close = CRLF + f"--{boundary}--\r\n".encode()
-        pattern = re.compile(rf"{rendered.prefix}F(\d+)E")
+        pattern = rendered.placeholders()
         self.text_plan = _plan(rendered.text, pattern)
         self.html_plan = _plan(rendered.html, pattern)
 

@@ -41,10 +41,6 @@ class Placeholders:
             self.fields.append(name)
         return f"{self.prefix}F{self.fields.index(name)}E"
 
-    @property
-    def pattern(self) -> re.Pattern[str]:
-        return re.compile(rf"{self.prefix}F(\d+)E")
-
 
 class _SubscriberFields:
     """``subscriber.anything`` in a template: a token now, the CSV column's value per message."""
@@ -96,6 +92,10 @@ class RenderedIssue:
     @property
     def clipped(self) -> bool:
         return self.html_bytes > GMAIL_CLIP_BYTES
+
+    def placeholders(self) -> re.Pattern[str]:
+        """Matches each token Placeholders.token put in html and text; group 1: the field's index."""
+        return re.compile(rf"{self.prefix}F(\d+)E")
 
     def to_payload(self) -> dict[str, Any]:
         return dict(self.__dict__)

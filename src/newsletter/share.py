@@ -231,7 +231,8 @@ def _mailto_length(text: str) -> int:
 
 @dataclass(frozen=True)
 class Network:
-    name: str
+    name: str  # as in the configuration's share.networks
+    label: str  # as readers see it in an issue's share line
     limit: int
     count: Callable[[str], int]
     template: str = DEFAULT_TEMPLATE
@@ -244,22 +245,32 @@ class Network:
         return f"{link}\n{text}" if self.link_above else text
 
 
+# Every network there is: the configuration checks share.networks against these names.
 NETWORKS: dict[str, Network] = {
     n.name: n
     for n in (
-        Network("x", 280, _x_count),
-        Network("mastodon", 500, _mastodon_count),  # per server: pass limit= for others
-        Network("bluesky", 300, _graphemes),
-        Network("threads", 500, _threads_count),
-        Network("linkedin", 3000, _utf16),
-        Network("reddit", 300, _utf16, template="{title}"),  # a post title; the link goes in url=
-        Network("telegram", 4096, _utf16, template="{title}\n\n{summary}\n\n{hashtags}", link_above=True),
+        Network("x", "X", 280, _x_count),
+        Network("mastodon", "Mastodon", 500, _mastodon_count),  # per server: pass limit= for others
+        Network("bluesky", "Bluesky", 300, _graphemes),
+        Network("threads", "Threads", 500, _threads_count),
+        Network("linkedin", "LinkedIn", 3000, _utf16),
+        # A post title; the link goes in url=.
+        Network("reddit", "Reddit", 300, _utf16, template="{title}"),
+        Network(
+            "telegram",
+            "Telegram",
+            4096,
+            _utf16,
+            template="{title}\n\n{summary}\n\n{hashtags}",
+            link_above=True,
+        ),
         # No hard limit for these three. Facebook's sharer takes only the link (the text is for the
         # reader to paste) and a post may hold 63,206 characters; WhatsApp documents none, its apps
         # stop at 65,536; mail has none, but mailto: URLs much past 2,000 characters get cut.
-        Network("facebook", 63206, _utf16),
-        Network("whatsapp", 65536, _utf16, template="{title}\n\n{summary}\n\n{link}"),
-        Network("email", 1800, _mailto_length, template="{summary}\n\n{link}"),  # title is the subject
+        Network("facebook", "Facebook", 63206, _utf16),
+        Network("whatsapp", "WhatsApp", 65536, _utf16, template="{title}\n\n{summary}\n\n{link}"),
+        # The title is the mail's subject.
+        Network("email", "Email", 1800, _mailto_length, template="{summary}\n\n{link}"),
     )
 }
 
@@ -517,18 +528,7 @@ def share_links(
     without mastodon_instance, and so is a network whose limit the link alone exceeds.
     """
     links = {}
-    for network in (
-        "x",
-        "bluesky",
-        "threads",
-        "linkedin",
-        "facebook",
-        "reddit",
-        "telegram",
-        "whatsapp",
-        "email",
-        "mastodon",
-    ):
+    for network in NETWORKS:
         try:
             url = share_link(network, title, link, text_by_network.get(network), mastodon_instance, summary)
         except LinkTooLong:

@@ -14,6 +14,7 @@ from typing import TextIO
 
 from .errors import ConfigError
 from .model import Subscriber, SubscriberRow
+from .sanitize import one_line
 from .storage import Storage, SubscriberStaging
 
 
@@ -27,14 +28,11 @@ class SubscriberList:
 
 
 # Part of every list's fingerprint: change it when the checks change, and every list is read again.
-RULES = "1"
+# 2: cells go through sanitize.one_line (control characters too, not only line breaks): CSV cells
+# end up in headers (the To: name).
+RULES = "2"
 # Problems kept per list: a file with 100,000 bad rows should not make a report of 100,000 lines.
 MAX_PROBLEMS = 100
-
-
-def _clean(value: str | None) -> str:
-    # CSV cells end up in headers (the To: name); never let a line break through.
-    return " ".join((value or "").split())
 
 
 def fingerprint(path: Path) -> str:
@@ -92,9 +90,9 @@ def _read(path: Path, staging: SubscriberStaging) -> list[str]:
                 )
             for row in reader:
                 line = reader.line_num
-                raw = _clean(row.get(columns["email"]))
+                raw = one_line(row.get(columns["email"]) or "")
                 if not raw:
-                    if any(_clean(v) for v in row.values() if isinstance(v, str)):
+                    if any(one_line(v) for v in row.values() if isinstance(v, str)):
                         problem(f"{path}:{line}: no email address; row skipped")
                     continue
                 email = staging.checked(raw)
@@ -106,11 +104,11 @@ def _read(path: Path, staging: SubscriberStaging) -> list[str]:
                         problem(f"{path}:{line}: invalid address {raw!r}: {exc}; skipped")
                         continue
                 extra = {
-                    c.strip().lower(): _clean(v)
+                    c.strip().lower(): one_line(v)
                     for c, v in row.items()
                     if c and c.strip().lower() not in ("email", "name") and isinstance(v, str)
                 }
-                name = _clean(row.get(columns["name"])) if "name" in columns else ""
+                name = one_line(row.get(columns["name"]) or "") if "name" in columns else ""
                 first = staging.add(SubscriberRow(Subscriber(email, name, extra), raw, line))
                 if first is not None:
                     problem(f"{path}:{line}: {email} already on line {first}; one email goes to it")

@@ -155,10 +155,22 @@ class _Guard:
 
     @contextmanager
     def active(self) -> Iterator[_Guard]:
+        """Arm the deadline for the block. Anything that fails once it has passed fails as
+        DeadlineExceeded, and so does a block that ends after the watchdog fired: it ended a
+        body without a length, and what arrived is not the answer."""
         _local.guard = self
         self._timer.start()
         try:
             yield self
+        except TransportError:
+            raise
+        except Exception:
+            if self.expired():
+                raise DeadlineExceeded(self.timeout) from None
+            raise
+        else:
+            if self.fired:
+                raise DeadlineExceeded(self.timeout)
         finally:
             _local.guard = None
             self._timer.cancel()
@@ -288,18 +300,7 @@ def request(
     mount(session)
     guard = _Guard(timeout, restrict=False)
     with guard.active():
-        try:
-            resp = session.request(method, url, timeout=timeout, **kwargs)
-        except TransportError:
-            raise
-        except Exception:
-            if guard.expired():
-                raise DeadlineExceeded(timeout) from None
-            raise
-        if guard.fired:
-            # The watchdog ended a body without a length: what arrived is not the answer.
-            raise DeadlineExceeded(timeout)
-        return resp
+        return session.request(method, url, timeout=timeout, **kwargs)
 
 
 @dataclass
@@ -326,17 +327,7 @@ def get(
     guard = _Guard(timeout, restrict=True)
     with requests.Session() as session, guard.active():
         mount(session)
-        try:
-            answer = _follow(session, url, headers, timeout, max_bytes, max_redirects)
-        except TransportError:
-            raise
-        except Exception:
-            if guard.expired():
-                raise DeadlineExceeded(timeout) from None
-            raise
-        if guard.fired:
-            raise DeadlineExceeded(timeout)
-        return answer
+        return _follow(session, url, headers, timeout, max_bytes, max_redirects)
 
 
 def _follow(
