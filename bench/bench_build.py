@@ -4,14 +4,14 @@
 
 1. Time, in this process, for the issue of 25 articles to 10,000 subscribers: the
    once-per-issue work (render, premailer, Skeleton) and the microseconds per message beyond
-   it, i.e. exactly what ``_Run.deliver`` does per subscriber before it calls the sender
-   (``_Run.recipient`` + ``Skeleton.build``), median of several passes. Target: <= 50 µs.
+   it, i.e. exactly what the delivery loop does per subscriber before it calls the sender
+   (``IssueBuilder.recipient`` + ``Skeleton.build``), median of several passes. Target: <= 50 µs.
 2. Memory: peak RSS (VmHWM in ``/proc/self/status``) of a fresh child process
    per list size, in two modes:
    - ``send``: the whole ``send_digest`` (CSV, fetch, render, ledger rows, every message built
      and handed to a sender), with a ``discard`` sender registered in-process that drops the
      bytes: what a real send holds in memory, minus the socket;
-   - ``build``: only ``_Run`` (which loads the list) and the build loop, no ledger.
+   - ``build``: only ``IssueBuilder`` (which loads the list) and the build loop, no ledger.
    Target: peak RSS at 100,000 subscribers within 1.5x of that at 1,000, in the same run.
    Each child also reports its per-message time, so part 1 is cross-checked at both sizes.
 """
@@ -40,12 +40,14 @@ from bench_digest import (
     bench_build,
     feed_xml,
     median_pass,
+    send_builder,
     write_project,
     write_subscribers,
 )
 
 from newsletter.config import load_config
-from newsletter.digest import _Run, fetch, send_digest
+from newsletter.context import RunContext
+from newsletter.digest import fetch, send_digest
 from newsletter.model import Issue, now
 from newsletter.senders import Outgoing, Sender
 from newsletter.store import Store
@@ -137,7 +139,7 @@ def child(mode: str, config_path: Path) -> dict[str, Any]:
             built.append(perf_counter())
 
         start = perf_counter()
-        report = send_digest(config, store, SCHEDULE, on_issue=on_issue)
+        report = send_digest(RunContext(config, store), SCHEDULE, on_issue=on_issue)
         end = perf_counter()
         store.close()
         issue = report.issues[0] if report.issues else None
@@ -152,9 +154,9 @@ def child(mode: str, config_path: Path) -> dict[str, Any]:
     else:
         store = Store(f"sqlite:///{config_path.parent / 'build.db'}")
         t0 = perf_counter()
-        run = _Run(config, store, SCHEDULE, None)
+        run = send_builder(config, store)
         t1 = perf_counter()
-        fetch(config, store, [SCHEDULE])
+        fetch(RunContext(config, store), [SCHEDULE])
         entries = store.new_entries(run.feed_urls, 0, store.max_entry_id(), run.schedule.max_articles)
         date = now()
         t2 = perf_counter()
@@ -164,7 +166,7 @@ def child(mode: str, config_path: Path) -> dict[str, Any]:
         skeleton = run.skeleton(issue)
         t3 = perf_counter()
         size = n = 0
-        # A page of the list at a time, as _Run.deliver reads the ledger.
+        # A page of the list at a time, as the delivery loop reads the ledger.
         for sub, _ in store.subscribers(run.list_name):
             size += len(skeleton.build(run.recipient(sub))[1])
             n += 1
@@ -219,7 +221,7 @@ def part_time(subscribers: int, articles: int) -> float:
         f"per message beyond that, median of {PASSES} passes",
         f"{per_msg:,.1f} µs  (target <= {TARGET_US:g}; ratio {per_msg / TARGET_US:.2f}x the target)",
     )
-    show("  _Run.recipient (unsubscribe token, values)", f"{mid.recipient / n * 1e6:,.1f} µs")
+    show("  IssueBuilder.recipient (unsubscribe token, values)", f"{mid.recipient / n * 1e6:,.1f} µs")
     show("  Skeleton.build (headers, splice, join)", f"{mid.build / n * 1e6:,.1f} µs")
     show("  each pass", ", ".join(f"{p.total / n * 1e6:,.1f}" for p in b.passes) + " µs/msg")
     best = min(p.total for p in b.passes) / n * 1e6
@@ -258,7 +260,7 @@ def part_memory(sizes: list[int], articles: int) -> dict[str, dict[int, dict[str
                     28,
                 )
     small, large = min(sizes), max(sizes)
-    for mode, label in (("send", "send_digest + discard sender"), ("build", "build only (_Run + loop)")):
+    for mode, label in (("send", "send_digest + discard sender"), ("build", "build only (builder + loop)")):
         a, b = results[mode][small]["peak_rss_mib"], results[mode][large]["peak_rss_mib"]
         verdict = "ok" if b / a <= TARGET_RSS else "ABOVE TARGET"
         show(

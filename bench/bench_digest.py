@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_digest.py [--subscribers 10000] [--articles 25]
 
 1. build: the once-per-issue cost (render, premailer, Skeleton) and the per-subscriber cost of
-   what ``_Run.recipient`` + ``Skeleton.build`` do, without any I/O;
+   what ``IssueBuilder.recipient`` + ``Skeleton.build`` do, without any I/O;
 2. send: the public ``send_digest`` path (feed file, CSV, SQLite ledger, SMTP sender) to an
    aiosmtpd server started here;
 3. limit: plain smtplib sending as many same-sized messages over one connection to the same
@@ -42,15 +42,27 @@ from unittest import mock
 
 from aiosmtpd.controller import Controller
 
-# _Run is private, but its recipient() is exactly what deliver() runs per subscriber.
+# IssueBuilder.recipient() is exactly what a delivery runs per subscriber.
 from newsletter import render as render_module
+from newsletter.build import IssueBuilder
 from newsletter.config import Config, load_config
-from newsletter.digest import _Run, fetch, send_digest
+from newsletter.context import RunContext
+from newsletter.digest import fetch, send_digest
 from newsletter.message import Skeleton
 from newsletter.model import Issue, StoredEntry, Subscriber, now
 from newsletter.store import Store
+from newsletter.subscribers import sync
 
 SCHEDULE = "bench"
+
+
+def send_builder(config: Config, store: Store) -> IssueBuilder:
+    """The send path's issue builder, after the subscriber sync a send starts with."""
+    builder = IssueBuilder(RunContext(config, store), SCHEDULE)
+    sync(store, builder.list_name, builder.list_path)
+    return builder
+
+
 FROM = "Bench Weekly <news@example.org>"
 ENVELOPE_FROM = "news@example.org"
 # The first render also compiles the templates; the median of the warm ones is the steady cost.
@@ -259,7 +271,7 @@ class IssueCost:
 @dataclass
 class BuildPass:
     total: float  # the loop's wall time
-    recipient: float  # of which _Run.recipient
+    recipient: float  # of which IssueBuilder.recipient
     build: float  # of which Skeleton.build
 
 
@@ -278,7 +290,7 @@ class BuildFigures:
     recipients: list[str] = field(default_factory=list)
 
 
-def issue_once(run: _Run, entries: list[StoredEntry]) -> tuple[IssueCost, Skeleton, Issue]:
+def issue_once(run: IssueBuilder, entries: list[StoredEntry]) -> tuple[IssueCost, Skeleton, Issue]:
     """What build_issue + deliver do once per issue, timed by stage, without the database write."""
     premailer = 0.0
     real_inline = render_module.inline_css
@@ -329,8 +341,10 @@ def check_message(data: bytes, to: str, unsubscribe_url: str) -> None:
         sys.exit("built message is wrong: " + "; ".join(problems))
 
 
-def build_pass(run: _Run, skeleton: Skeleton, subs: list[Subscriber], sizes: list[int] | None) -> BuildPass:
-    """Exactly the per-subscriber work of _Run.deliver before the sender is called."""
+def build_pass(
+    run: IssueBuilder, skeleton: Skeleton, subs: list[Subscriber], sizes: list[int] | None
+) -> BuildPass:
+    """Exactly the per-subscriber work of the delivery loop before the sender is called."""
     t_recipient = t_build = 0.0
     start = perf_counter()
     for sub in subs:
@@ -350,12 +364,12 @@ def bench_build(config: Config, workdir: Path, articles: int, passes: int = BUIL
     # A scratch database of its own, so part 2 starts from nothing as a first real run would.
     store = Store(f"sqlite:///{workdir / 'build.db'}")
     t0 = perf_counter()
-    run = _Run(config, store, SCHEDULE, None)  # reads and validates the subscriber CSV
+    run = send_builder(config, store)  # reads and validates the subscriber CSV
     load_subscribers = perf_counter() - t0
     t0 = perf_counter()
-    _Run(config, store, SCHEDULE, None)  # the file unchanged: only hashed
+    send_builder(config, store)  # the file unchanged: only hashed
     same_subscribers = perf_counter() - t0
-    fetch(config, store, [SCHEDULE])
+    fetch(RunContext(config, store), [SCHEDULE])
     entries = store.new_entries(run.feed_urls, 0, store.max_entry_id(), run.schedule.max_articles)
     if len(entries) != articles:
         sys.exit(f"expected {articles} new entries from the feed, got {len(entries)}")
@@ -466,7 +480,9 @@ def bench_send(
         hooks = Interleaved(conn, sample, recipients, chunk)
         received = handler.messages
         start = perf_counter()
-        report = send_digest(config, store, SCHEDULE, progress=hooks.progress, on_issue=hooks.on_issue)
+        report = send_digest(
+            RunContext(config, store), SCHEDULE, progress=hooks.progress, on_issue=hooks.on_issue
+        )
         end = perf_counter()
         hooks.send_limit(expected - hooks.limit_sent)  # the part short of a whole chunk
     store.close()
@@ -537,11 +553,11 @@ def report_build(b: BuildFigures) -> None:
     show("  premailer", ms(med.premailer))
     show("  Skeleton()", ms(med.skeleton))
     show(f"per subscriber, median of {len(b.passes)} passes", rate(n, mid.total))
-    show("  _Run.recipient (incl. unsubscribe token)", f"{mid.recipient / n * 1e6:,.1f} µs/msg")
+    show("  IssueBuilder.recipient (incl. unsubscribe token)", f"{mid.recipient / n * 1e6:,.1f} µs/msg")
     show("  Skeleton.build", f"{mid.build / n * 1e6:,.1f} µs/msg")
     show("  best pass", rate(n, best))
-    show("first run: read + check the subscriber CSV", f"{ms(b.load_subscribers)} (_Run init)")
-    show("later runs, the CSV unchanged", f"{ms(b.same_subscribers)} (_Run init: a hash of the file)")
+    show("first run: read + check the subscriber CSV", f"{ms(b.load_subscribers)} (the sync)")
+    show("later runs, the CSV unchanged", f"{ms(b.same_subscribers)} (the sync: a hash of the file)")
     show("ledger alone: record_delivery per message", rate(n, b.ledger_total))
 
 

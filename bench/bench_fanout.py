@@ -33,10 +33,11 @@ from pathlib import Path
 from time import perf_counter
 
 from _support import AiosmtpdProcess, SmtpSink, ensure_smtp_sink, line_buffered, ms, rate, show
-from bench_digest import CHUNK, SCHEDULE, Interleaved, check_message, write_project
+from bench_digest import CHUNK, SCHEDULE, Interleaved, check_message, send_builder, write_project
 
 from newsletter.config import load_config
-from newsletter.digest import _Run, fetch, send_digest
+from newsletter.context import RunContext
+from newsletter.digest import fetch, send_digest
 from newsletter.model import Issue, now
 from newsletter.store import Store
 
@@ -72,8 +73,8 @@ def sample_message(config_path: Path, workdir: Path) -> tuple[bytes, list[str]]:
     config = load_config(config_path)
     store = Store(f"sqlite:///{workdir / 'sample.db'}")
     try:
-        run = _Run(config, store, SCHEDULE, None)
-        fetch(config, store, [SCHEDULE])
+        run = send_builder(config, store)
+        fetch(RunContext(config, store), [SCHEDULE])
         entries = store.new_entries(run.feed_urls, 0, store.max_entry_id(), run.schedule.max_articles)
         date = now()
         rendered = run.render(entries, 1, date)
@@ -106,7 +107,9 @@ def measure(
         conn.ehlo()  # outside the timing, as the sender's connect is outside the delivery phase
         hooks = Interleaved(conn, sample, recipients, chunk)
         start = perf_counter()
-        report = send_digest(config, store, SCHEDULE, progress=hooks.progress, on_issue=hooks.on_issue)
+        report = send_digest(
+            RunContext(config, store), SCHEDULE, progress=hooks.progress, on_issue=hooks.on_issue
+        )
         end = perf_counter()
         hooks.send_limit(expected - hooks.limit_sent)  # the part short of a whole chunk
     store.close()

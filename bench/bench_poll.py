@@ -44,6 +44,7 @@ from bench_digest import SEED, feed_xml
 import newsletter.digest as digest_module
 import newsletter.feeds as feeds_module
 from newsletter.config import FetchSettings, load_config
+from newsletter.context import RunContext
 from newsletter.digest import fetch
 from newsletter.store import Store
 
@@ -189,7 +190,7 @@ def one_round(config_path: Path, server: SlowFeeds) -> dict[str, Any]:
         CallCounter(digest_module, "fetch_all") as fa,
     ):
         start = perf_counter()
-        reports = fetch(config, store)
+        reports = fetch(RunContext(config, store))
         seconds = perf_counter() - start
     store.close()
     after = server.snapshot()

@@ -18,6 +18,7 @@ import pytest
 from conftest import Project, item, rss
 from newsletter import digest
 from newsletter.config import load_config
+from newsletter.context import RunContext
 from newsletter.preview import export_archive
 from newsletter.store import Store
 
@@ -104,10 +105,11 @@ def test_the_library_is_private_too_for_a_caller_with_a_loose_umask(
     before = snapshot(project.root)
     config = load_config(project.config)
     with Store(config.database_url) as store:
-        digest.send_digest(config, store, "weekly", dry_run=True)
-        digest.send_digest(config, store, "weekly")
-        export_archive(config, store, "weekly", user_site)
-        export_archive(config, store, "weekly", project.root / "new" / "archive")
+        ctx = RunContext(config, store)
+        digest.send_digest(ctx, "weekly", dry_run=True)
+        digest.send_digest(ctx, "weekly")
+        export_archive(ctx, "weekly", user_site)
+        export_archive(ctx, "weekly", project.root / "new" / "archive")
         # While a connection is open SQLite keeps its -wal and -shm files next to the database.
         db = Path(config.database_url.removeprefix("sqlite:///"))
         side_files = [db.with_name(db.name + s) for s in ("-wal", "-shm")]

@@ -19,8 +19,9 @@ import pytest
 import regex
 
 from conftest import FeedServer, Mailbox, Project, Route, item, rss
+from newsletter.build import IssueBuilder
 from newsletter.config import load_config
-from newsletter.digest import _Run
+from newsletter.context import RunContext
 from newsletter.message import Recipient, Skeleton
 from newsletter.model import StoredEntry
 from newsletter.render import RenderedIssue, Section, article, render_issue
@@ -311,9 +312,9 @@ def test_a_retry_of_an_issue_built_an_hour_ago_is_dated_now_with_the_same_messag
         )
     db.close()
     with Store(config.database_url) as store:
-        run = _Run(config, store, "weekly", None)
+        builder = IssueBuilder(RunContext(config, store), "weekly")
         (issue,) = store.unfinished_issues("weekly")
-        earlier_id = run.skeleton(issue).message_id("bob@example.com")
+        earlier_id = builder.skeleton(issue).message_id("bob@example.com")
 
     box.rcpt_replies = {}
     assert project.run("send-digest", "weekly").exit_code == 0

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from newsletter.schedule import fire_times, missed_run, parse_duration, parse_when
+from newsletter.schedule import fire_times, format_duration, missed_run, parse_duration, parse_when
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
@@ -173,4 +173,13 @@ def test_missed_run_within_grace_is_caught_up_once_and_older_ones_are_skipped() 
     [(90, 90), ("90s", 90), ("15m", 900), ("3h", 10800), ("1d", 86400), ("2 hours", 7200)],
 )
 def test_durations(text: str | int, seconds: int) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(90, "90s"), (900, "15m"), (5400, "90m"), (10800, "3h"), (86400, "1d"), (1.5, "1.5s")],
+)
+def test_durations_are_shown_as_the_file_writes_them(seconds: float, text: str) -> None:
+    assert format_duration(timedelta(seconds=seconds)) == text
     assert parse_duration(text) == timedelta(seconds=seconds)

@@ -20,7 +20,7 @@ from .redact import remember
 if TYPE_CHECKING:
     from . import digest
     from .config import Config
-    from .store import Store
+    from .context import RunContext
 
 
 class State:
@@ -36,8 +36,11 @@ class State:
             self._config = load_config(self.config_path)
         return self._config
 
-    def store(self) -> Store:
-        return self.config.open_store()
+    def context(self) -> RunContext:
+        """The command's store, senders and token signer; close it when done (``with``)."""
+        from .context import RunContext
+
+        return RunContext.open(self.config)
 
 
 def _safe(value: object) -> str:
@@ -122,8 +125,8 @@ def _print_feeds(reports: list[digest.FeedReport]) -> None:
 def check(state: State) -> None:
     """Validate schedules.yaml, subscriber lists and templates; print what is wrong."""
     config = state.config
-    with state.store() as store:
-        result = _digest().check(config, store)
+    with state.context() as ctx:
+        result = _digest().check(ctx)
     for line in result.lines:
         click.echo(_safe(line))
     for warning in result.warnings:
@@ -137,8 +140,8 @@ def check(state: State) -> None:
 def fetch(state: State, schedule: str | None) -> None:
     """Poll the feeds (of SCHEDULE, or of all schedules) and store new entries."""
     names = _schedules(state, schedule)
-    with state.store() as store:
-        reports = _digest().fetch(state.config, store, names)
+    with state.context() as ctx:
+        reports = _digest().fetch(ctx, names)
     _print_feeds(reports)
     new = sum(f.new for f in reports)
     errors = sum(f.status == FetchStatus.ERROR for f in reports)
@@ -194,10 +197,9 @@ def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, forc
         raise click.UsageError("--dry-run and --to do not go together")
     config = state.config
     config.schedule(schedule)
-    with state.store() as store, _progress() as (on_issue, progress):
+    with state.context() as ctx, _progress() as (on_issue, progress):
         report = _digest().send_digest(
-            config,
-            store,
+            ctx,
             schedule,
             dry_run=dry_run,
             to=to,
@@ -235,9 +237,9 @@ def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, forc
 def status(state: State, schedule: str | None) -> None:
     """Last issues, deliveries sent / pending / failed, and feed health."""
     names = _schedules(state, schedule)
-    with state.store() as store:
+    with state.context() as ctx:
         for name in names:
-            s = _digest().schedule_status(state.config, store, name)
+            s = _digest().schedule_status(ctx, name)
             click.echo(f"{name}: {s.subscribers} subscriber(s), {s.waiting} new entries waiting")
             when = f"{s.next_run:%Y-%m-%d %H:%M %Z}" if s.next_run else "by hand (no when:)"
             click.echo(f"  next run: {when}; deliveries waiting for a retry: {s.retries}")
@@ -335,7 +337,8 @@ def subscribers_list(state: State, name: str) -> None:
     from .subscribers import sync
 
     path = _list_path(state, name)
-    with state.store() as store:
+    with state.context() as ctx:
+        store = ctx.store
         for problem in sync(store, name, path).problems:
             click.echo(f"warning: {_safe(problem)}", err=True)
         for sub, suppressed in store.subscribers(name):
@@ -351,8 +354,8 @@ def subscribers_list(state: State, name: str) -> None:
 def subscribers_suppressed(state: State, name: str) -> None:
     """Addresses that unsubscribed from NAME, when and how."""
     _list_path(state, name)
-    with state.store() as store:
-        suppressed = store.suppressed(name)
+    with state.context() as ctx:
+        suppressed = ctx.store.suppressed(name)
     for s in suppressed:
         click.echo(f"{s.created_at:%Y-%m-%d %H:%M} UTC  {_safe(s.source):<9} {_safe(s.address)}")
 
@@ -368,9 +371,9 @@ def subscribers_export(state: State, name: str, out: Any) -> None:
     from .subscribers import export, sync
 
     path = _list_path(state, name)
-    with state.store() as store:
-        problems = sync(store, name, path).problems
-        export(store, name, out)
+    with state.context() as ctx:
+        problems = sync(ctx.store, name, path).problems
+        export(ctx.store, name, out)
     for problem in problems:
         click.echo(f"warning: {_safe(problem)}", err=True)
 
@@ -383,8 +386,8 @@ def archive(state: State, schedule: str, out: str) -> None:
     """Publish SCHEDULE's past issues as static HTML (index.html and one page per issue)."""
     from .preview import export_archive
 
-    with state.store() as store:
-        written = export_archive(state.config, store, schedule, Path(out))
+    with state.context() as ctx:
+        written = export_archive(ctx, schedule, Path(out))
     click.echo(f"{len(written)} page(s) written to {out}")
 
 
@@ -400,8 +403,8 @@ def share(state: State, schedule: str, as_json: bool, limit: int) -> None:
     from .social import newest_snippets
 
     state.config.schedule(schedule)
-    with state.store() as store:
-        items = newest_snippets(state.config, store, schedule, limit)
+    with state.context() as ctx:
+        items = newest_snippets(ctx, schedule, limit)
     if as_json:
         doc = [
             {
@@ -445,10 +448,10 @@ def post(state: State, schedule: str, no_fetch: bool, wait: float) -> None:
     config = state.config
     if not config.schedule(schedule).post:
         raise click.UsageError(f"schedule {schedule!r} has no post: targets")
-    with state.store() as store:
+    with state.context() as ctx:
         if not no_fetch:
-            _print_feeds(_digest().fetch(config, store, [schedule]))
-        reports = post_new(config, store, schedule, wait=wait)
+            _print_feeds(_digest().fetch(ctx, [schedule]))
+        reports = post_new(ctx, schedule, wait=wait)
     bad = False
     for r in reports:
         click.echo(

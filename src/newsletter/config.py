@@ -11,10 +11,10 @@ import re
 from datetime import timedelta
 from email.utils import parseaddr
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .redact import redact, remember
@@ -28,6 +28,17 @@ if TYPE_CHECKING:
 
 DEFAULT_CONFIG = "schedules.yaml"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _duration(value: Any) -> Any:
+    # "90s", "15m", "3h", "1d" or a number of seconds; anything else is pydantic's to refuse.
+    if isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return parse_duration(value)
+    return value
+
+
+# Every duration in the file: read once, here, so the rest of the code sees a timedelta.
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
 
 
 class Strict(BaseModel):
@@ -48,27 +59,7 @@ class FetchSettings(Strict):
     first_fetch_newest: int = Field(5, ge=0)
     first_fetch_days: float | None = Field(None, gt=0)
     # How often the daemon polls each feed; a feed's own <ttl> wins when it is longer.
-    interval: str | int = "15m"
-
-    @field_validator("interval")
-    @classmethod
-    def _interval(cls, value: str | int) -> str | int:
-        parse_duration(value)
-        return value
-
-
-SHARE_NETWORKS = [
-    "x",
-    "mastodon",
-    "bluesky",
-    "threads",
-    "linkedin",
-    "facebook",
-    "reddit",
-    "telegram",
-    "whatsapp",
-    "email",
-]
+    interval: Duration = timedelta(minutes=15)
 
 
 class ShareSettings(Strict):
@@ -86,9 +77,11 @@ class ShareSettings(Strict):
     @field_validator("networks")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        unknown = [n for n in value if n not in SHARE_NETWORKS]
+        from .share import NETWORKS  # imported here: only a schedule that names networks pays for it
+
+        unknown = [n for n in value if n not in NETWORKS]
         if unknown:
-            raise ValueError(f"unknown network(s) {unknown}; known: {', '.join(SHARE_NETWORKS)}")
+            raise ValueError(f"unknown network(s) {unknown}; known: {', '.join(NETWORKS)}")
         return value
 
     @field_validator("templates")
@@ -120,14 +113,8 @@ class FeedRef(Strict):
     """A feed with settings of its own: ``- {url: https://..., interval: 1h}``."""
 
     url: str
-    interval: str | int | None = None  # how often the daemon polls it (default: fetch.interval)
-
-    @field_validator("interval")
-    @classmethod
-    def _interval(cls, value: str | int | None) -> str | int | None:
-        if value is not None:
-            parse_duration(value)
-        return value
+    # How often the daemon polls it (default: fetch.interval).
+    interval: Annotated[timedelta | None, BeforeValidator(_duration)] = None
 
 
 class Schedule(Strict):
@@ -145,20 +132,16 @@ class Schedule(Strict):
     max_attempts: int = Field(8, ge=1, description="4xx retries before a delivery is failed")
     when: str | None = Field(None, description="when the daemon sends: 'daily at 08:00', cron...")
     timezone: str | None = None  # default: the config's timezone
-    misfire_grace: str | int = "3h"  # a run missed while the daemon was down, caught up within this
-    retry_every: str | int = "15m"  # deferred (4xx) deliveries are retried this often by the daemon
+    # A run missed while the daemon was down is caught up within this.
+    misfire_grace: Duration = timedelta(hours=3)
+    # Deferred (4xx) deliveries are retried this often by the daemon.
+    retry_every: Duration = timedelta(minutes=15)
     share: ShareSettings = ShareSettings()
     utm: UtmSettings | None = None  # no tags unless asked for
     post: list[PostTarget] = []
-    post_every: str | int = "5m"  # how often the daemon posts new articles
+    post_every: Duration = timedelta(minutes=5)  # how often the daemon posts new articles
     # Past issues appear on the public /archive/ only when asked for: a list may be private.
     archive: bool = False
-
-    @field_validator("misfire_grace", "retry_every", "post_every")
-    @classmethod
-    def _duration(cls, value: str | int) -> str | int:
-        parse_duration(value)
-        return value
 
     @field_validator("timezone")
     @classmethod
@@ -205,7 +188,7 @@ class Settings(Strict):
     unsubscribe_link_days: float | None = Field(365, gt=0)
     # How long a write waits for another process's transaction before the run fails with
     # "database is locked": long enough for a daemon job and a CLI run to take turns.
-    busy_timeout: timedelta = Field(timedelta(seconds=30), gt=timedelta(0))
+    busy_timeout: Duration = Field(timedelta(seconds=30), gt=timedelta(0))
     fetch: FetchSettings = FetchSettings()
     senders: dict[str, dict[str, Any]]
     schedules: dict[str, Schedule] = Field(min_length=1)
@@ -215,13 +198,6 @@ class Settings(Strict):
     def _zone(cls, value: str) -> str:
         zone(value)
         return value
-
-    @field_validator("busy_timeout", mode="before")
-    @classmethod
-    def _busy_timeout(cls, value: Any) -> Any:
-        # "30s" or "2m" like every other duration in the file (a bare number is seconds, which
-        # pydantic reads itself); parsed here, once, so the rest of the code sees a timedelta.
-        return parse_duration(value) if isinstance(value, str) else value
 
 
 class Config:
@@ -268,12 +244,12 @@ class Config:
     def feed_interval(self, url: str) -> timedelta:
         """How often the daemon polls a feed: its own interval, else fetch.interval."""
         own = [
-            parse_duration(f.interval)
+            f.interval
             for s in self.schedules.values()
             for f in s.feeds
             if isinstance(f, FeedRef) and f.interval is not None and self.feed_url(f) == url
         ]
-        return min(own) if own else parse_duration(self.settings.fetch.interval)
+        return min(own) if own else self.settings.fetch.interval
 
     def resolve(self, value: str) -> Path:
         return (self.base_dir / value).resolve()

@@ -4,7 +4,8 @@ Three kinds of job: one poller that fetches each feed when it is due, one digest
 schedule with a ``when:`` (which pulls its own feeds first, for ``fetch.digest_timeout``
 seconds at most, so a slow feed is used as stored and never delays a send), and one retry
 job per schedule for deliveries a server deferred. Jobs run in threads at once: each opens
-its own Store and its own sender instances, and shares nothing live with the others.
+its own ``RunContext`` (a store, its own sender instances) and shares nothing live with the
+others; the Config they read is inert.
 SIGTERM/SIGINT stop between two messages and exit 0; SIGHUP rereads the configuration and
 keeps the old one when the new one is bad.
 """
@@ -24,12 +25,13 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from . import digest, social
 from .config import Config, load_config
+from .context import RunContext
 from .errors import BusyError, NewsletterError
 from .feeds import fetch_all
 from .model import FetchStatus
 from .redact import redact
 from .sanitize import printable
-from .schedule import missed_run, parse_duration
+from .schedule import format_duration, missed_run
 
 log = logging.getLogger("newsletter")
 POLL_TICK = timedelta(seconds=30)  # how often the poller looks for feeds that are due
@@ -90,9 +92,9 @@ class Daemon:
 
     def poll_feeds(self) -> None:
         config = self.config
-        store = config.open_store()
-        try:
-            now = datetime.now(UTC)
+        with RunContext.open(config, stop=self.stop) as ctx:
+            store = ctx.store
+            now = ctx.clock()
             due = []
             known = {f.url: f for f in store.feeds()}
             for url in dict.fromkeys(config.feed_url(f) for s in config.schedules.values() for f in s.feeds):
@@ -111,32 +113,26 @@ class Daemon:
                     errors += 1
                     log.warning(report.error, extra={"event": "feed-error"})
             log.info("polled feeds", extra={"event": "poll", "feeds": len(due), "new": new, "errors": errors})
-        finally:
-            store.close()
 
     def send(self, name: str, *, build: bool = True) -> None:
         if self.stop.is_set():
             return
         config = self.config
-        store = config.open_store()
         try:
-            # A digest pulls its own feeds first (the poller's clock may be 15 minutes off), but
-            # only for a few seconds: a slow feed is used as stored, never waited for.
-            report = digest.send_digest(
-                config,
-                store,
-                name,
-                fetch_feeds=build,
-                fetch_timeout=config.settings.fetch.digest_timeout,
-                build=build,
-                wait=LOCK_WAIT,
-                stop=self.stop,
-            )
+            with RunContext.open(config, stop=self.stop) as ctx:
+                # A digest pulls its own feeds first (the poller's clock may be 15 minutes off),
+                # but only for a few seconds: a slow feed is used as stored, never waited for.
+                report = digest.send_digest(
+                    ctx,
+                    name,
+                    fetch_feeds=build,
+                    fetch_timeout=config.settings.fetch.digest_timeout,
+                    build=build,
+                    wait=LOCK_WAIT,
+                )
         except BusyError as exc:
             log.warning(str(exc), extra={"event": "busy", "schedule": name})
             return
-        finally:
-            store.close()
         for feed in report.feeds:
             if feed.status == FetchStatus.ERROR:
                 log.warning(
@@ -168,14 +164,12 @@ class Daemon:
     def post(self, name: str) -> None:
         if self.stop.is_set():
             return
-        store = self.config.open_store()
         try:
-            reports = social.post_new(self.config, store, name, wait=LOCK_WAIT, stop=self.stop)
+            with RunContext.open(self.config, stop=self.stop) as ctx:
+                reports = social.post_new(ctx, name, wait=LOCK_WAIT)
         except BusyError as exc:
             log.warning(str(exc), extra={"event": "busy", "schedule": name})
             return
-        finally:
-            store.close()
         for r in reports:
             if r.posted_now or r.errors or r.disabled:
                 log.info(
@@ -198,8 +192,7 @@ class Daemon:
             try:
                 func(*args, **kwargs)
             except NewsletterError as exc:
-                hint = f" ({exc.hint})" if exc.hint else ""
-                log.error(f"job {job}: {exc}{hint}", extra={"event": "job-error"})
+                log.error(f"job {job}: {exc.with_hint()}", extra={"event": "job-error"})
             except Exception as exc:  # a job that fails must not take the daemon with it
                 # One line, no traceback: the cause is what an operator can act on, and a
                 # traceback's lines would not be one event any more.
@@ -213,7 +206,7 @@ class Daemon:
         config = self.config
         self.scheduler.remove_all_jobs()
         shortest = min(
-            [parse_duration(config.settings.fetch.interval)]
+            [config.settings.fetch.interval]
             + [config.feed_interval(config.feed_url(f)) for s in config.schedules.values() for f in s.feeds]
         )
         tick = min(POLL_TICK, shortest)
@@ -229,8 +222,7 @@ class Daemon:
         try:
             for name, schedule in config.schedules.items():
                 trigger = config.trigger(name)
-                grace = parse_duration(schedule.misfire_grace)
-                retry = parse_duration(schedule.retry_every)
+                grace, retry = schedule.misfire_grace, schedule.retry_every
                 self.scheduler.add_job(
                     self._job(f"retry:{name}", self.send, name, build=False),
                     IntervalTrigger(seconds=retry.total_seconds()),
@@ -239,10 +231,9 @@ class Daemon:
                     coalesce=True,
                 )
                 if any(t.each == "article" for t in schedule.post):
-                    every = parse_duration(schedule.post_every)
                     self.scheduler.add_job(
                         self._job(f"post:{name}", self.post, name),
-                        IntervalTrigger(seconds=every.total_seconds()),
+                        IntervalTrigger(seconds=schedule.post_every.total_seconds()),
                         id=f"post:{name}",
                         max_instances=1,
                         coalesce=True,
@@ -270,7 +261,7 @@ class Daemon:
                 elif skipped:
                     log.warning(
                         f"skipped the digest due at {skipped:%Y-%m-%d %H:%M} UTC: missed by more than"
-                        f" misfire_grace ({schedule.misfire_grace})",
+                        f" misfire_grace ({format_duration(grace)})",
                         extra={"event": "missed", "schedule": name},
                     )
                 job = self.scheduler.get_job(f"digest:{name}")

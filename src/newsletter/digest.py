@@ -3,25 +3,25 @@
 Order of a ``send-digest`` run: fetch; finish any unfinished issue of the schedule; build the
 next issue from entries first seen since the last one; deliver it. Each delivery is committed
 as soon as its outcome is known, so a rerun after a crash carries on where the last one died.
+Building is ``build.IssueBuilder``'s, the loop over the ledger ``deliver.deliver``'s; this
+module says in what order they run, and is the one that syncs a subscriber list.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.utils import parseaddr
 from typing import TYPE_CHECKING
 
-from .config import Config, FetchSettings, Schedule
+from .build import IssueBuilder
+from .config import FetchSettings
+from .context import RunContext
+from .deliver import Attempt, Outcome, Unsendable, deliver
 from .errors import ConfigError, DeliveryError, PermanentFailure, StoreError, TemporaryFailure
 from .feeds import fetch_all, first_fetch_history
 from .locks import ScheduleLock
-from .message import Recipient, Skeleton
 from .model import (
     DeliveryCounts,
     DeliveryStatus,
@@ -29,27 +29,19 @@ from .model import (
     FetchResult,
     FetchStatus,
     Issue,
-    IssueStatus,
     Pending,
-    StoredEntry,
     Subscriber,
-    now,
 )
 from .redact import redact
-from .sanitize import one_line, web_link
+from .sanitize import one_line
 from .schedule import zone
 from .senders import Outgoing, Sender
 from .senders.file import FileOptions, FileSender
-from .store import Store
+from .storage import Storage
 from .subscribers import SubscriberList, sync
-from .tokens import UnsubscribeTokens
 
 if TYPE_CHECKING:
-    from .render import RenderedIssue, Section
     from .social import PostReport
-
-# Rendering and sharing (Jinja2, premailer, the share rules) are imported where they are used:
-# a run that finds nothing new, the commonest run, never loads them.
 
 Progress = Callable[[int], None]  # called with how many messages were just handled
 
@@ -94,9 +86,10 @@ class DigestReport:
 
 
 def fetch(
-    config: Config, store: Store, names: list[str] | None = None, settings: FetchSettings | None = None
+    ctx: RunContext, names: list[str] | None = None, settings: FetchSettings | None = None
 ) -> list[FeedReport]:
     """Poll the feeds of the named schedules (all by default) and store new entries."""
+    config, store = ctx.config, ctx.store
     urls: list[str] = []
     for name in names or list(config.schedules):
         for feed in config.schedule(name).feeds:
@@ -104,13 +97,10 @@ def fetch(
             if url not in urls:
                 urls.append(url)
     fs = settings or config.settings.fetch
-    reports = []
-    for result in fetch_all([store.feed_state(u) for u in urls], fs):
-        reports.append(record_feed(store, result, fs))
-    return reports
+    return [record_feed(store, result, fs) for result in fetch_all([store.feed_state(u) for u in urls], fs)]
 
 
-def record_feed(store: Store, result: FetchResult, fs: FetchSettings) -> FeedReport:
+def record_feed(store: Storage, result: FetchResult, fs: FetchSettings) -> FeedReport:
     """Store one feed's fetch in its own transaction: what one feed's data breaks is its own
     error, and the other feeds are stored all the same."""
     # Which entries are history if this is the feed's first fetch; the store knows if it is.
@@ -129,190 +119,98 @@ def record_feed(store: Store, result: FetchResult, fs: FetchSettings) -> FeedRep
     return FeedReport(result.url, result.status, new, result.error, result.warning)
 
 
-def _list_id(name: str, schedule: Schedule) -> str:
-    if schedule.list_id:
-        return schedule.list_id
-    domain = parseaddr(schedule.from_)[1].rpartition("@")[2] or "localhost"
-    return f"{re.sub(r'[^A-Za-z0-9-]', '-', name).strip('-').lower()}.{domain}"
+@dataclass
+class _Send:
+    """One send-digest run of one schedule: the builder, the list as synced, how to report."""
 
+    builder: IssueBuilder
+    subscribers: SubscriberList
+    progress: Progress | None
 
-class _Run:
-    """One send-digest run of one schedule: what every step needs, worked out once."""
+    @property
+    def ctx(self) -> RunContext:
+        return self.builder.ctx
 
-    def __init__(
-        self, config: Config, store: Store, name: str, progress: Progress | None, *, sync_list: bool = True
-    ) -> None:
-        self.config, self.store, self.name = config, store, name
-        self.schedule = config.schedule(name)
-        self.progress = progress
-        self.list_name = self.schedule.subscribers
-        path = config.subscribers_path(self.schedule)
-        if sync_list:
-            self.subscribers: SubscriberList = sync(store, self.list_name, path)
-        else:
-            # Read-only callers (archive, preview, status) use the copy the last send read: a
-            # CSV broken since then must not take the archive down, and a look writes nothing.
-            cached = store.subscriber_source(self.list_name)
-            self.subscribers = SubscriberList(self.list_name, path, cached.problems if cached else [])
-        secret = os.environ.get("NEWSLETTER_SECRET") or store.secret("unsubscribe")
-        self.tokens = UnsubscribeTokens(secret)
-        self.feed_urls = [config.feed_url(f) for f in self.schedule.feeds]
-        self.stop: threading.Event | None = None
-
-    def recipient(self, sub: Subscriber) -> Recipient:
-        token = self.tokens.make(self.schedule.subscribers, sub.email)
-        values = {
-            **sub.fields,
-            "email": sub.email,
-            "name": sub.name,
-            "unsubscribe_url": self.schedule.unsubscribe_url.replace("{token}", token),
-        }
-        return Recipient(sub.email, sub.name, values)
-
-    def skeleton(self, issue: Issue) -> Skeleton:
-        from .render import RenderedIssue
-
-        payload = dict(issue.payload)
-        # The issue's date is what its text says; each message's Date header is stamped when it
-        # is built for sending, so a retry hours later does not look backdated.
-        payload.pop("date")
-        return Skeleton(
-            RenderedIssue.from_payload(payload),
-            from_addr=self.schedule.from_,
-            reply_to=self.schedule.reply_to,
-            list_id=_list_id(self.name, self.schedule),
-            list_name=self.schedule.title or self.name,
-            id_seed=f"{self.name}:{issue.number}:{issue.created_at.isoformat()}",
-        )
-
-    def sections(self, entries: list[StoredEntry], number: int = 0) -> list[Section]:
-        from . import social
-        from .render import Section, article
-
-        titles = {f.url: (f.title or "", f.link or "") for f in self.store.feeds(self.feed_urls)}
-        sections: dict[str, Section] = {}
-        for e in entries:
-            title, link = titles.get(e.feed_url, ("", ""))
-            if e.feed_url not in sections:
-                sections[e.feed_url] = Section(title or e.feed_url, web_link(link))
-            item = article(e, title, self.schedule.excerpt_chars)
-            social.decorate(item, self.schedule, self.name, number)
-            sections[e.feed_url].articles.append(item)
-        return list(sections.values())
-
-    def render(self, entries: list[StoredEntry], number: int, date: datetime) -> RenderedIssue:
-        from .render import render_issue
-
-        return render_issue(
-            templates_dir=self.config.templates_dir,
-            title=self.schedule.title or self.name,
-            subject_template=self.schedule.subject,
-            number=number,
-            date=date,
-            sections=self.sections(entries, number),
-        )
-
-    def build_issue(self, force: bool, ledger: bool = True) -> Issue | None:
+    def record_issue(self, force: bool, ledger: bool = True) -> Issue | None:
         """Record the next issue; with ``ledger=False`` (a test send) it gets no deliveries."""
-        if ledger and not self.store.subscriber_counts(self.list_name)[1]:
+        b, store = self.builder, self.builder.store
+        if ledger and not store.subscriber_counts(b.list_name)[1]:
             # Building would use up the new entries with no one to read them.
             raise ConfigError(
                 f"{self.subscribers.path}: no valid, subscribed addresses; no issue built",
                 hint="add rows with an email column, or fix the ones reported above",
             )
-        draft = self.draft(force)
+        draft = b.draft(force)
         if draft is None:
             return None
-        issue, watermark = draft
-        return self.store.create_issue(
-            self.name,
-            watermark=watermark,
+        issue = draft.issue
+        return store.create_issue(
+            b.name,
+            watermark=draft.watermark,
             entry_ids=issue.entry_ids,
             subject=issue.subject,
             payload=issue.payload,
-            list_name=self.list_name if ledger else None,
+            list_name=b.list_name if ledger else None,
         )
-
-    def draft(self, force: bool) -> tuple[Issue, int] | None:
-        """The next issue, rendered but not recorded (id 0), and the entry watermark it covers.
-
-        The preview shows exactly this, so what it shows is what a send would send.
-        """
-        up_to = self.store.max_entry_id()
-        limit = self.schedule.max_articles
-        entries = self.store.new_entries(self.feed_urls, self.store.watermark(self.name), up_to, limit)
-        if not entries and force:
-            entries = self.store.new_entries(self.feed_urls, 0, up_to, limit)
-        if not entries:
-            return None
-        last = self.store.issues(self.name, 1)
-        date = now()
-        number = (last[0].number if last else 0) + 1
-        rendered = self.render(entries, number, date)
-        payload = {**rendered.to_payload(), "date": date.isoformat()}
-        ids = [e.id for e in entries]
-        issue = Issue(0, self.name, number, date, IssueStatus.DRAFT, ids, rendered.subject, payload)
-        return issue, up_to
 
     def pending(self, issue: Issue) -> Iterator[Pending]:
         """Every delivery of the issue still to be made, fetched a page at a time."""
         after = ""
-        while page := self.store.pending(issue.id, self.list_name, after):
+        while page := self.builder.store.pending(issue.id, self.builder.list_name, after):
             yield from page
             after = page[-1].recipient
 
     def deliver(self, issue: Issue, sender: Sender) -> IssueReport:
-        skeleton = self.skeleton(issue)
+        b, store = self.builder, self.builder.store
+        skeleton = b.skeleton(issue)
         report = IssueReport(
             issue.number, issue.subject, len(issue.entry_ids), len(issue.payload["html"].encode())
         )
-        label = f"{self.name}-{issue.number}"
-        for item in self.pending(issue):
-            if self.stop is not None and self.stop.is_set():
-                break
-            key, attempts, sub = item.recipient, item.attempts, item.subscriber
+        label = f"{b.name}-{issue.number}"
+
+        def prepare(item: Pending) -> Attempt | None:
+            key, sub = item.recipient, item.subscriber
             # Unsubscribed addresses are skipped even while they are still in the CSV.
             if sub is None or item.suppressed:
                 why = "unsubscribed" if item.suppressed else f"not in {self.subscribers.path.name}"
-                self.store.skip_delivery(issue.id, key, why)
+                store.skip_delivery(issue.id, key, why)
                 report.skipped += 1
-                continue
+                return None
             try:
-                message_id, data = skeleton.build(self.recipient(sub))
+                message_id, data = skeleton.build(b.recipient(sub))
             except ValueError as exc:  # a value that cannot go into a header, say
-                self.store.record_delivery(
-                    issue.id, key, DeliveryStatus.FAILED, f"cannot build the message: {exc}"
-                )
-                report.errors.append((sub.email, f"cannot build the message: {exc}"))
-                continue
-            try:
-                sender.send(Outgoing(skeleton.envelope_from, sub.email, message_id, data, label))
-            except DeliveryError as exc:
-                # The sender cannot go on: this message and the rest stay pending.
-                report.stopped = f"{exc}" + (f" ({exc.hint})" if exc.hint else "")
-                break
-            except TemporaryFailure as exc:
-                give_up = attempts + 1 >= self.schedule.max_attempts
-                status = DeliveryStatus.FAILED if give_up else DeliveryStatus.PENDING
-                self.store.record_delivery(issue.id, key, status, str(exc))
-                report.errors.append((sub.email, str(exc)))
-            except PermanentFailure as exc:
-                self.store.record_delivery(issue.id, key, DeliveryStatus.FAILED, str(exc))
-                report.errors.append((sub.email, str(exc)))
-            else:
-                self.store.record_delivery(issue.id, key, DeliveryStatus.SENT)
-            if self.progress:
-                self.progress(1)
-        report.complete = self.store.finish_issue_if_done(issue.id)
-        counts = self.store.delivery_counts(issue.id)
+                raise Unsendable(sub.email, f"cannot build the message: {exc}") from None
+            out = Outgoing(skeleton.envelope_from, sub.email, message_id, data, label)
+            return Attempt(lambda: sender.send(out), item.attempts, sub.email)
+
+        def record(item: Pending, outcome: Outcome, error: str, where: str) -> None:
+            store.record_delivery(issue.id, item.recipient, DeliveryStatus(outcome), error)
+
+        run = deliver(
+            self.pending(issue),
+            prepare,
+            record,
+            max_attempts=b.schedule.max_attempts,
+            stop=self.ctx.stop,
+            progress=self.progress,
+        )
+        report.errors += run.errors
+        # The sender cannot go on: this message and the rest stay pending.
+        report.stopped = run.aborted or run.gone
+        report.complete = store.finish_issue_if_done(issue.id)
+        counts = store.delivery_counts(issue.id)
         report.sent, report.failed = counts.sent, counts.failed
         report.pending, report.skipped = counts.pending, counts.skipped
         return report
 
 
+def _start(ctx: RunContext, name: str, progress: Progress | None) -> _Send:
+    builder = IssueBuilder(ctx, name)
+    return _Send(builder, sync(ctx.store, builder.list_name, builder.list_path), progress)
+
+
 def send_digest(
-    config: Config,
-    store: Store,
+    ctx: RunContext,
     name: str,
     *,
     dry_run: bool = False,
@@ -322,7 +220,6 @@ def send_digest(
     fetch_timeout: float | None = None,
     build: bool = True,
     wait: float = 0.0,
-    stop: threading.Event | None = None,
     progress: Progress | None = None,
     on_issue: Callable[[int], None] | None = None,
 ) -> DigestReport:
@@ -331,60 +228,62 @@ def send_digest(
     ``dry_run`` writes every message to the outbox and changes no state; ``to`` sends the next
     issue to one address through the schedule's sender, outside the ledger. The daemon passes
     ``fetch_timeout`` (a feed slower than that is used as stored, and named in ``feeds``),
-    ``build=False`` for its retry runs, and ``stop``, which ends the send between two
-    messages, the rest left pending.
+    ``build=False`` for its retry runs, and a context with a ``stop`` event, which ends the
+    send between two messages, the rest left pending.
     Another process sending the same schedule is waited for ``wait`` seconds, then BusyError.
     ``on_issue`` is told how many messages an issue is about to send (for a progress bar).
     """
+    config, store = ctx.config, ctx.store
     if dry_run or to:
-        if not os.environ.get("NEWSLETTER_SECRET"):
-            # The one thing kept: the install's secret, so a test copy's unsubscribe link works.
-            store.secret("unsubscribe")
+        # The one thing kept: the install's secret, read (or made) before the rollback, so a
+        # test copy's unsubscribe link works.
+        ctx.tokens  # noqa: B018 - reading it is the point
         with store.rolled_back():
-            run = _Run(config, store, name, progress)  # its copy of the list is rolled back too
-            report = DigestReport(name, warnings=list(run.subscribers.problems))
+            send = _start(ctx, name, progress)  # its copy of the list is rolled back too
+            report = DigestReport(name, warnings=list(send.subscribers.problems))
             if fetch_feeds:
-                report.feeds = fetch(config, store, [name])
-            _preview(run, report, force, to)
+                report.feeds = fetch(ctx, [name])
+            _preview(send, report, force, to)
         return report
-    run = _Run(config, store, name, progress)
-    run.stop = stop
-    report = DigestReport(name, warnings=list(run.subscribers.problems))
+    send = _start(ctx, name, progress)
+    report = DigestReport(name, warnings=list(send.subscribers.problems))
     if fetch_feeds:
         # Fetching needs no lock: entries are keyed, and a second process only finds them known.
         fs = config.settings.fetch
         if fetch_timeout is not None:
             fs = fs.model_copy(update={"timeout": min(fs.timeout, fetch_timeout)})
-        report.feeds = fetch(config, store, [name], fs)
-    with ScheduleLock(config.database_url, store, name, wait, stop):
+        report.feeds = fetch(ctx, [name], fs)
+    schedule = send.builder.schedule
+    with ScheduleLock(config.database_url, store, name, wait, ctx.stop):
         if build:
-            store.set_last_run(name, now())
+            store.set_last_run(name, ctx.clock())
         issues = store.unfinished_issues(name)
-        built = run.build_issue(force) if build else None
+        built = send.record_issue(force) if build else None
         if built is not None:
-            _warn_clip(run, report, built)
+            _warn_clip(send, report, built)
             issues.append(built)
             from . import social
 
-            social.queue_issue(config, store, name, built.number, built.id)
-        _deliver_all(run, report, config.sender(run.schedule.sender), issues, on_issue)
-        if any(t.each == "issue" for t in run.schedule.post):
+            social.queue_issue(ctx, name, built.number, built.id)
+        _deliver_all(send, report, ctx.sender(schedule.sender), issues, on_issue)
+        if any(t.each == "issue" for t in schedule.post):
             from . import social
 
-            report.posts = social.post_pending(config, store, name)
+            report.posts = social.post_pending(ctx, name)
     return report
 
 
 def _deliver_all(
-    run: _Run,
+    send: _Send,
     report: DigestReport,
     sender: Sender,
     issues: list[Issue],
     on_issue: Callable[[int], None] | None,
 ) -> None:
-    work = [(issue, run.store.delivery_counts(issue.id).pending) for issue in issues]
+    store = send.builder.store
+    work = [(issue, store.delivery_counts(issue.id).pending) for issue in issues]
     if not any(pending for _, pending in work):
-        report.issues += [run.deliver(issue, sender) for issue, _ in work]
+        report.issues += [send.deliver(issue, sender) for issue, _ in work]
         return
     # The sender is opened only when there is something to send: "nothing new" needs no
     # mail server, and a server that is down leaves the built issue pending for the next run.
@@ -393,55 +292,57 @@ def _deliver_all(
             for issue, pending in work:
                 if on_issue:
                     on_issue(pending)
-                item = run.deliver(issue, sender)
+                item = send.deliver(issue, sender)
                 report.issues.append(item)
                 if item.stopped:
                     report.aborted = item.stopped
                     break
-                if run.stop is not None and run.stop.is_set():
+                if send.ctx.stopped:
                     report.aborted = "stopped; undelivered messages stay pending for the next run"
                     break
     except DeliveryError as exc:
-        report.aborted = f"{exc}" + (f" ({exc.hint})" if exc.hint else "")
+        report.aborted = exc.with_hint()
 
 
-def _preview(run: _Run, report: DigestReport, force: bool, to: str | None) -> None:
+def _preview(send: _Send, report: DigestReport, force: bool, to: str | None) -> None:
     """--dry-run and --to: run inside a transaction that is rolled back afterwards."""
+    ctx = send.ctx
     if to:
-        _test_send(run, report, run.config.sender(run.schedule.sender), to, force)
+        _test_send(send, report, ctx.sender(send.builder.schedule.sender), to, force)
         return
-    outbox = run.config.outbox / "dry-run"
+    outbox = ctx.config.outbox / "dry-run"
     report.outbox = str(outbox)
-    sender = FileSender("dry-run", FileOptions(path=str(outbox)), run.config.base_dir)
-    issues = run.store.unfinished_issues(run.name)
-    built = run.build_issue(force)
+    sender = FileSender("dry-run", FileOptions(path=str(outbox)), ctx.config.base_dir)
+    issues = ctx.store.unfinished_issues(send.builder.name)
+    built = send.record_issue(force)
     if built is not None:
-        _warn_clip(run, report, built)
+        _warn_clip(send, report, built)
         issues.append(built)
-    _deliver_all(run, report, sender, issues, None)
+    _deliver_all(send, report, sender, issues, None)
 
 
-def _warn_clip(run: _Run, report: DigestReport, issue: Issue) -> None:
+def _warn_clip(send: _Send, report: DigestReport, issue: Issue) -> None:
     size = len(issue.payload["html"].encode())
     if size > 102 * 1024:
         report.warnings.append(
             f"issue #{issue.number} HTML is {size / 1024:.0f} KB: Gmail clips messages over 102 KB"
-            f" (lower max_articles, now {run.schedule.max_articles}, or excerpt_chars)"
+            f" (lower max_articles, now {send.builder.schedule.max_articles}, or excerpt_chars)"
         )
 
 
-def _test_send(run: _Run, report: DigestReport, sender: Sender, to: str, force: bool) -> None:
-    issue = run.build_issue(force, ledger=False)
+def _test_send(send: _Send, report: DigestReport, sender: Sender, to: str, force: bool) -> None:
+    b = send.builder
+    issue = send.record_issue(force, ledger=False)
     if issue is None:
         return
-    _warn_clip(run, report, issue)
-    sub = run.store.subscriber(run.list_name, to) or Subscriber(to)
-    skeleton = run.skeleton(issue)
-    message_id, data = skeleton.build(run.recipient(sub))
+    _warn_clip(send, report, issue)
+    sub = b.store.subscriber(b.list_name, to) or Subscriber(to)
+    skeleton = b.skeleton(issue)
+    message_id, data = skeleton.build(b.recipient(sub))
     item = IssueReport(issue.number, issue.subject, len(issue.entry_ids), len(issue.payload["html"].encode()))
     try:
         with sender:
-            sender.send(Outgoing(skeleton.envelope_from, to, message_id, data, f"{run.name}-test"))
+            sender.send(Outgoing(skeleton.envelope_from, to, message_id, data, f"{b.name}-test"))
         item.sent = 1
     except (TemporaryFailure, PermanentFailure) as exc:
         item.failed = 1
@@ -457,16 +358,21 @@ class CheckResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def check(config: Config, store: Store) -> CheckResult:
-    """Subscriber lists and templates of every schedule; the size of the issue they make now."""
+def check(ctx: RunContext) -> CheckResult:
+    """Subscriber lists and templates of every schedule; the size of the issue they make now.
+
+    Unlike the preview, status and the archive, it syncs each list: reading the file is what
+    a check is for.
+    """
     result = CheckResult()
-    for name in config.schedules:
-        run = _Run(config, store, name, None)
-        result.warnings += run.subscribers.problems
-        latest = store.new_entries(run.feed_urls, 0, store.max_entry_id(), run.schedule.max_articles)
+    store = ctx.store
+    for name in ctx.config.schedules:
+        b = IssueBuilder(ctx, name)
+        result.warnings += sync(store, b.list_name, b.list_path).problems
+        latest = b.latest()
         size = ""
         if latest:
-            rendered = run.render(latest, 1, now())
+            rendered = b.render(latest, 1, ctx.clock())
             size = f"; an issue of the latest {len(latest)} entries is {rendered.html_bytes / 1024:.0f} KB"
             if rendered.clipped:
                 result.warnings.append(
@@ -475,8 +381,8 @@ def check(config: Config, store: Store) -> CheckResult:
                     " (lower max_articles or excerpt_chars)"
                 )
         result.lines.append(
-            f"{name}: {store.subscriber_counts(run.list_name)[0]} subscriber(s),"
-            f" {len(run.feed_urls)} feed(s), sender {run.schedule.sender!r}{size}"
+            f"{name}: {store.subscriber_counts(b.list_name)[0]} subscriber(s),"
+            f" {len(b.feed_urls)} feed(s), sender {b.schedule.sender!r}{size}"
         )
     return result
 
@@ -492,21 +398,18 @@ class ScheduleStatus:
     retries: int  # deliveries a server deferred, waiting for the next run
 
 
-def _local(when: datetime | None, config: Config, name: str) -> datetime | None:
-    tz = zone(config.schedule(name).timezone or config.settings.timezone)
-    return when.astimezone(tz) if when else None
-
-
-def schedule_status(config: Config, store: Store, name: str, last: int = 5) -> ScheduleStatus:
-    run = _Run(config, store, name, None, sync_list=False)
-    waiting = store.new_entries(run.feed_urls, store.watermark(name), store.max_entry_id(), 10_000)
+def schedule_status(ctx: RunContext, name: str, last: int = 5) -> ScheduleStatus:
+    config, store = ctx.config, ctx.store
+    b = IssueBuilder(ctx, name)
     trigger = config.trigger(name)
+    tz = zone(b.schedule.timezone or config.settings.timezone)
+    next_run = trigger.get_next_fire_time(None, ctx.clock()) if trigger else None
     return ScheduleStatus(
         name,
-        store.subscriber_counts(run.list_name)[0],
-        len(waiting),
+        store.subscriber_counts(b.list_name)[0],
+        len(b.waiting()),
         [(i, store.delivery_counts(i.id)) for i in store.issues(name, last)],
-        store.feeds(run.feed_urls),
-        _local(trigger.get_next_fire_time(None, now()), config, name) if trigger else None,
+        store.feeds(b.feed_urls),
+        next_run.astimezone(tz) if next_run else None,
         sum(store.delivery_counts(i.id).pending for i in store.unfinished_issues(name)),
     )

@@ -1,8 +1,8 @@
 """What an email looks like before (and after) it goes out, built by the sending code itself.
 
 The preview takes the same path as a send: the next issue is drafted and rendered by
-``digest._Run`` and each message is built by ``message.Skeleton`` for a real subscriber, then
-read back. Only the views made for looking (dark mode, styles stripped) differ from the wire.
+``build.IssueBuilder`` and each message is built by ``message.Skeleton`` for a real subscriber,
+then read back. Only the views made for looking (dark mode, styles stripped) differ from the wire.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from . import digest
+from .build import IssueBuilder
 from .config import Config
+from .context import RunContext
 from .errors import ConfigError
 from .message import Recipient
-from .model import Issue, Subscriber
+from .model import Issue
 from .render import GMAIL_CLIP_BYTES
-from .store import Store
+from .storage import Storage
 
 
 @dataclass
@@ -57,51 +58,45 @@ def _read_back(data: bytes) -> tuple[str, str, list[tuple[str, str]]]:
     return html, text, [(k, str(v)) for k, v in msg.items()]
 
 
-def _articles(store: Store, issue: Issue) -> list[dict[str, Any]]:
+def _articles(store: Storage, issue: Issue) -> list[dict[str, Any]]:
     return [{"id": e.id, "title": e.title, "link": e.link} for e in store.entries(issue.entry_ids)]
 
 
-def next_issue(config: Config, store: Store, name: str, address: str | None = None) -> Preview | None:
+def next_issue(ctx: RunContext, name: str, address: str | None = None) -> Preview | None:
     """The next issue of ``name`` as ``address`` (default: the first subscriber) would get it.
 
     The subscriber list is the copy the last send or ``check`` read: a look reads no CSV.
     """
-    run = digest._Run(config, store, name, None, sync_list=False)
-    draft = run.draft(force=False)
+    builder = IssueBuilder(ctx, name)
+    draft = builder.draft(force=False)
     is_new = draft is not None
     if draft is None:
-        draft = run.draft(force=True)
+        draft = builder.draft(force=True)
     if draft is None:
         return None
-    issue = draft[0]
-    sub = _subscriber(run, address)
-    _, data = run.skeleton(issue).build(run.recipient(sub))
+    issue = draft.issue
+    sub = builder.reader(address)
+    _, data = builder.skeleton(issue).build(builder.recipient(sub))
     html, text, headers = _read_back(data)
     return Preview(
-        name, issue.number, issue.subject, html, text, headers, sub.email, is_new, _articles(store, issue)
+        name, issue.number, issue.subject, html, text, headers, sub.email, is_new, _articles(ctx.store, issue)
     )
 
 
-def _subscriber(run: digest._Run, address: str | None) -> Subscriber:
-    if address:
-        return run.store.subscriber(run.list_name, address) or Subscriber(address)
-    first = next(run.store.subscribers(run.list_name, page=1), None)
-    return first[0] if first else Subscriber("reader@example.com", "Sample Reader")
-
-
-def sent_issue(config: Config, store: Store, name: str, number: int) -> Preview:
+def sent_issue(ctx: RunContext, name: str, number: int) -> Preview:
     """An issue as it was sent, for the archive: per-subscriber values left blank."""
-    found = [i for i in store.issues(name, limit=100_000) if i.number == number]
-    if not found:
+    builder = IssueBuilder(ctx, name)
+    issue = builder.sent(number)
+    if issue is None:
         raise ConfigError(f"{name} has no issue #{number}")
-    issue = found[0]
-    run = digest._Run(config, store, name, None, sync_list=False)
     # The archive is public: no address and no working unsubscribe link in it.
     blank = {f: "" for f in issue.payload["fields"]}
     recipient = Recipient("archive@example.com", "", {**blank, "unsubscribe_url": "#"})
-    _, data = run.skeleton(issue).build(recipient)
+    _, data = builder.skeleton(issue).build(recipient)
     html, text, headers = _read_back(data)
-    return Preview(name, issue.number, issue.subject, html, text, headers, "", True, _articles(store, issue))
+    return Preview(
+        name, issue.number, issue.subject, html, text, headers, "", True, _articles(ctx.store, issue)
+    )
 
 
 # -- views made for looking ------------------------------------------------------------------
@@ -156,7 +151,7 @@ def fingerprint(config: Config) -> str:
     return str(hash("|".join(sorted(stamps))))
 
 
-def export_archive(config: Config, store: Store, name: str, out: Path) -> list[Path]:
+def export_archive(ctx: RunContext, name: str, out: Path) -> list[Path]:
     """Static archive pages of a schedule's issues, for any web server to publish.
 
     What it creates is private (folders 0700, pages 0600), like everything the tool writes:
@@ -166,12 +161,13 @@ def export_archive(config: Config, store: Store, name: str, out: Path) -> list[P
 
     from .files import private_dir, write_private
 
+    config = ctx.config
     config.schedule(name)
     private_dir(out)
     written, items = [], []
-    for issue in store.issues(name, limit=100_000):
+    for issue in ctx.store.issues(name, limit=100_000):
         page = out / f"{issue.number}.html"
-        write_private(page, sent_issue(config, store, name, issue.number).html.encode("utf-8"))
+        write_private(page, sent_issue(ctx, name, issue.number).html.encode("utf-8"))
         written.append(page)
         items.append(f'<li><a href="{issue.number}.html">#{issue.number}</a> {escape(issue.subject)}</li>')
     title = escape(config.schedule(name).title or name)

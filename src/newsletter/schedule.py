@@ -15,7 +15,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 if TYPE_CHECKING:
     from apscheduler.triggers.base import BaseTrigger
 
-DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 ORDINALS = {"first": "1st", "second": "2nd", "third": "3rd", "fourth": "4th", "fifth": "5th", "last": "last"}
 _AT = r"(?:\s+at\s+(?P<hour>\d{1,2}):(?P<minute>\d{2}))?"
 _DAY = r"(?P<day>mon|tue|wed|thu|fri|sat|sun)[a-z]*"
@@ -32,6 +31,15 @@ def parse_duration(value: str | int | float) -> timedelta:
         raise ValueError(f"not a duration: {value!r} (write e.g. 90s, 15m, 3h or 1d)")
     unit = (match.group(2) or "s")[0]
     return timedelta(seconds=float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+
+
+def format_duration(value: timedelta) -> str:
+    """A duration as schedules.yaml writes it, in its largest whole unit: ``3h``, ``90s``."""
+    seconds = value.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:g}s"
 
 
 def zone(name: str) -> ZoneInfo:

@@ -9,35 +9,26 @@ posts twice (beyond the one post in flight) and never skips one.
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from markupsafe import Markup
 
 from . import share
 from .config import Config, PostTarget, Schedule
-from .errors import DeliveryError, PermanentFailure, TargetGone, TargetUnavailable, TemporaryFailure
+from .deliver import Attempt, Outcome, Run, Unsendable, deliver
+from .errors import DeliveryError
 from .locks import ScheduleLock
-from .model import PostKind, PostStatus, StoredEntry, now
+from .model import PendingPost, PostKind, PostStatus, StoredEntry
 from .redact import redact
 from .render import Article
 from .sanitize import html_to_text, one_line, printable, web_link
 from .senders import Post, Sender
-from .store import Store
 
-LABELS = {
-    "x": "X",
-    "mastodon": "Mastodon",
-    "bluesky": "Bluesky",
-    "threads": "Threads",
-    "linkedin": "LinkedIn",
-    "facebook": "Facebook",
-    "reddit": "Reddit",
-    "telegram": "Telegram",
-    "whatsapp": "WhatsApp",
-    "email": "Email",
-}
+if TYPE_CHECKING:
+    from .context import RunContext
+
 FIRST_POST_WINDOW = timedelta(days=1)  # a new target announces only entries of the last day
 # What render.article shows for an entry without a title; shared, it would be noise, so an
 # untitled entry (a micro-post) is shared by its text instead.
@@ -112,7 +103,7 @@ def decorate(article: Article, schedule: Schedule, name: str, issue: int) -> Non
         except share.LinkTooLong:
             continue  # no share link for this network; the others keep theirs
         if url is not None:
-            article.share_links.append((LABELS[n], url))
+            article.share_links.append((share.NETWORKS[n].label, url))
 
 
 # -- posting -------------------------------------------------------------------------------------
@@ -142,8 +133,9 @@ def item_id(name: str, target: str, kind: str, ref: int | str) -> str:
     return f"nl_{kind}_{digest}"
 
 
-def queue_articles(config: Config, store: Store, name: str) -> int:
+def queue_articles(ctx: RunContext, name: str) -> int:
     """Record a pending post for every new article and article target of the schedule."""
+    config, store = ctx.config, ctx.store
     schedule = config.schedule(name)
     feed_urls = [config.feed_url(f) for f in schedule.feeds]
     queued = 0
@@ -156,7 +148,7 @@ def queue_articles(config: Config, store: Store, name: str) -> int:
         entries = store.new_entries(feed_urls, int(mark) if mark else 0, up_to, 10_000)
         if mark is None:
             # A target added to a schedule with history announces only what is recent.
-            since = now() - FIRST_POST_WINDOW
+            since = ctx.clock() - FIRST_POST_WINDOW
             entries = [e for e in entries if e.first_seen >= since]
         with store.transaction():
             for e in reversed(entries):  # oldest first, the order they were published in
@@ -167,29 +159,22 @@ def queue_articles(config: Config, store: Store, name: str) -> int:
     return queued
 
 
-def queue_issue(config: Config, store: Store, name: str, number: int, issue_id: int) -> None:
-    for target in config.schedule(name).post:
+def queue_issue(ctx: RunContext, name: str, number: int, issue_id: int) -> None:
+    for target in ctx.config.schedule(name).post:
         if target.each == "issue":
-            store.queue_post(
+            ctx.store.queue_post(
                 target.to, item_id(name, target.to, PostKind.ISSUE, number), name, PostKind.ISSUE, issue_id
             )
 
 
-class _Unpostable(Exception):
-    """This item can never be posted to this target (its link is over the network's limit)."""
-
-    def __init__(self, title: str, reason: str) -> None:
-        super().__init__(reason)
-        self.title = title
-
-
 def _post_item(
-    config: Config, store: Store, name: str, target: PostTarget, kind: str, ref: int, sender: Sender, pid: str
+    ctx: RunContext, name: str, target: PostTarget, kind: str, ref: int, sender: Sender, pid: str
 ) -> Post | None:
     # Every URL goes through the email's own filter (a javascript: or data: link the email
     # blanked is posted without a link, not as one), and no text field carries a control
     # character: receivers show these fields as they are.
-    schedule = config.schedule(name)
+    store = ctx.store
+    schedule = ctx.config.schedule(name)
     network = str(sender.network)
     if kind == PostKind.ARTICLE:
         found = store.entries([ref])
@@ -258,87 +243,69 @@ def _text(
     try:
         return share.snippet(rule, title, summary, link, categories, template, limit)
     except share.LinkTooLong as exc:
-        raise _Unpostable(title or link[:80], f"not posted: {exc.reason}") from None
+        # For good: retrying cannot make the link shorter, and it must not hold up the items
+        # behind it.
+        raise Unsendable(title or link[:80], f"not posted: {exc.reason}") from None
 
 
-def _said(exc: Exception) -> str:
+def post_pending(ctx: RunContext, name: str) -> list[PostReport]:
+    """Post every pending item of the schedule's targets; one report per target."""
+    targets = {t.to: t for t in ctx.config.schedule(name).post}
+    return [_post_to(ctx, name, target) for target in targets.values()]
+
+
+def _post_to(ctx: RunContext, name: str, target: PostTarget) -> PostReport:
+    store = ctx.store
+    report = PostReport(target.to)
+    sender = ctx.sender(target.to)  # its own instance: jobs run in threads at once
+    fingerprint = hashlib.sha256(sender.options.model_dump_json().encode()).hexdigest()
+    disabled = store.disabled_target(target.to)
+    if disabled is not None and disabled.fingerprint != fingerprint:
+        # The configuration changed since (a new token, a new URL): worth trying again.
+        store.enable_target(target.to)
+        disabled = None
+    if disabled is not None:
+        report.disabled = disabled.reason
+        report.pending = len(store.pending_posts(target.to, name))
+        return report
+
+    def prepare(post: PendingPost) -> Attempt | None:
+        item = _post_item(ctx, name, target, post.kind, post.ref, sender, post.item_id)
+        if item is None:
+            gone = "the article is no longer stored"
+            store.record_post(target.to, post.item_id, PostStatus.FAILED, gone)
+            return None
+        return Attempt(lambda: sender.post(item), post.attempts, item.title or item.link)
+
+    def record(post: PendingPost, outcome: Outcome, error: str, where: str) -> None:
+        store.record_post(target.to, post.item_id, PostStatus(outcome), error, where)
+
     # A target's error quotes its URL and its reply, and either may hold a token (Slack and
     # Discord URLs are one, a receiver may echo ?token=): blanked before it is stored or shown.
-    return redact(str(exc))
+    max_attempts = ctx.config.schedule(name).max_attempts
+    run = Run()
+    try:
+        with sender:
+            run = deliver(
+                store.pending_posts(target.to, name), prepare, record, max_attempts=max_attempts, said=redact
+            )
+    except DeliveryError as exc:  # opening or closing the sender
+        run.aborted = redact(exc.with_hint())
+    report.errors += run.errors
+    report.posted_now = run.sent
+    if run.gone:
+        store.disable_target(target.to, run.gone, fingerprint)
+    report.disabled = run.gone or run.aborted
+    counts = store.post_counts(target.to, name)
+    report.posted, report.pending, report.failed = counts.sent, counts.pending, counts.failed
+    return report
 
 
-def post_pending(config: Config, store: Store, name: str) -> list[PostReport]:
-    """Post every pending item of the schedule's targets; one report per target."""
-    schedule = config.schedule(name)
-    reports = []
-    for target in {t.to: t for t in schedule.post}.values():
-        report = PostReport(target.to)
-        reports.append(report)
-        sender = config.sender(target.to)  # its own instance: jobs run in threads at once
-        fingerprint = hashlib.sha256(sender.options.model_dump_json().encode()).hexdigest()
-        disabled = store.disabled_target(target.to)
-        if disabled is not None and disabled.fingerprint != fingerprint:
-            # The configuration changed since (a new token, a new URL): worth trying again.
-            store.enable_target(target.to)
-            disabled = None
-        if disabled is not None:
-            report.disabled = disabled.reason
-            report.pending = len(store.pending_posts(target.to, name))
-            continue
-        try:
-            with sender:
-                for post in store.pending_posts(target.to, name):
-                    pid, kind, ref, attempts = post.item_id, post.kind, post.ref, post.attempts
-                    try:
-                        item = _post_item(config, store, name, target, kind, ref, sender, pid)
-                    except _Unpostable as exc:
-                        # For good: retrying cannot make the link shorter, and it must not hold
-                        # up the items behind it.
-                        store.record_post(target.to, pid, PostStatus.FAILED, str(exc))
-                        report.errors.append((exc.title, str(exc)))
-                        continue
-                    if item is None:
-                        gone = "the article is no longer stored"
-                        store.record_post(target.to, pid, PostStatus.FAILED, gone)
-                        continue
-                    label = item.title or item.link
-                    try:
-                        where = sender.post(item)
-                    except TargetGone as exc:
-                        store.record_post(target.to, pid, PostStatus.PENDING, _said(exc))
-                        store.disable_target(target.to, _said(exc), fingerprint)
-                        report.disabled = _said(exc)
-                        break
-                    except TemporaryFailure as exc:
-                        # Unavailable: the next items would wait out the same deadline, item
-                        # after item; they stay pending for the next run instead.
-                        stop = isinstance(exc, TargetUnavailable)
-                        give_up = attempts + 1 >= schedule.max_attempts
-                        status = PostStatus.FAILED if give_up else PostStatus.PENDING
-                        store.record_post(target.to, pid, status, _said(exc))
-                        report.errors.append((label, _said(exc)))
-                        if stop:
-                            break
-                    except PermanentFailure as exc:
-                        store.record_post(target.to, pid, PostStatus.FAILED, _said(exc))
-                        report.errors.append((label, _said(exc)))
-                    else:
-                        store.record_post(target.to, pid, PostStatus.SENT, "", where)
-                        report.posted_now += 1
-        except DeliveryError as exc:
-            report.disabled = _said(exc) + (f" ({redact(exc.hint)})" if exc.hint else "")
-        counts = store.post_counts(target.to, name)
-        report.posted, report.pending, report.failed = counts.sent, counts.pending, counts.failed
-    return reports
-
-
-def post_new(
-    config: Config, store: Store, name: str, *, wait: float = 0.0, stop: threading.Event | None = None
-) -> list[PostReport]:
+def post_new(ctx: RunContext, name: str, *, wait: float = 0.0) -> list[PostReport]:
     """Queue the schedule's new articles for its article targets and post everything pending."""
-    with ScheduleLock(config.database_url, store, name, wait, stop):
-        queue_articles(config, store, name)
-        return post_pending(config, store, name)
+    with ScheduleLock(ctx.config.database_url, ctx.store, name, wait, ctx.stop):
+        queue_articles(ctx, name)
+        return post_pending(ctx, name)
 
 
 @dataclass
@@ -350,8 +317,9 @@ class ArticleSnippets:
     unfit: dict[str, str] = field(default_factory=dict)  # network: why it has no snippet
 
 
-def newest_snippets(config: Config, store: Store, name: str, limit: int = 5) -> list[ArticleSnippets]:
+def newest_snippets(ctx: RunContext, name: str, limit: int = 5) -> list[ArticleSnippets]:
     """Snippets for the newest stored articles of a schedule (`newsletter share`)."""
+    config, store = ctx.config, ctx.store
     feed_urls = [config.feed_url(f) for f in config.schedule(name).feeds]
     return entry_snippets(config, name, store.new_entries(feed_urls, 0, store.max_entry_id(), limit))
 

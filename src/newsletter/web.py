@@ -14,7 +14,6 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-import os
 import secrets
 import threading
 import time
@@ -29,11 +28,12 @@ from flask import Flask, Response, abort, g, jsonify, render_template, request
 
 from . import digest, preview, render, social
 from .config import Config, load_config
+from .context import RunContext
 from .errors import ConfigError, NewsletterError
 from .redact import redact
-from .store import Store
+from .storage import Storage
 from .subscribers import address_checker, fingerprint
-from .tokens import TokenError, UnsubscribeTokens
+from .tokens import TokenError
 
 TEMPLATES = Path(__file__).parent / "web_templates"
 log = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ class _State:
         self.config  # noqa: B018 - rereads when needed
         return self._stamp
 
-    def store(self) -> Store:
-        return self.config.open_store()
+    def context(self) -> RunContext:
+        """One request's store, senders and token signer (the configuration as it is now)."""
+        return RunContext.open(self.config)
 
 
 # -- headers every response carries -----------------------------------------------------------
@@ -151,10 +152,6 @@ def _limit_bodies(app: Flask) -> None:
             request.stream.read(1)
 
 
-def _tokens(state: _State, store: Store) -> UnsubscribeTokens:
-    return UnsubscribeTokens(os.environ.get("NEWSLETTER_SECRET") or store.secret("unsubscribe"))
-
-
 def _list_titles(config: Config, list_name: str) -> str:
     titles = [s.title or n for n, s in config.schedules.items() if s.subscribers == list_name]
     return ", ".join(titles) or list_name
@@ -170,9 +167,9 @@ def _public_routes(app: Flask, state: _State) -> None:
         # Parsed first, so a body over the cap is a 413 before anything else happens.
         one_click = request.method == "POST" and request.form.get("List-Unsubscribe") == "One-Click"
         config = state.config
-        with state.store() as store:
+        with state.context() as ctx:
             try:
-                list_name, address = _tokens(state, store).read(token, config.settings.unsubscribe_link_days)
+                list_name, address = ctx.tokens.read(token, config.settings.unsubscribe_link_days)
             except TokenError as exc:
                 # Forged, tampered or expired: refused, and nothing changes.
                 return _message("Link not valid", str(exc), "Use the link in a more recent email.", 400)
@@ -182,7 +179,7 @@ def _public_routes(app: Flask, state: _State) -> None:
                 # the question. The token is the credential, so the page's form needs no CSRF
                 # token: a third party who can forge this POST already holds the link.
                 return render_template("unsubscribe.html", address=address, title=title, token=token), 200
-            store.suppress(list_name, address, "one-click" if one_click else "page")
+            ctx.store.suppress(list_name, address, "one-click" if one_click else "page")
         return _message("Unsubscribed", f"{address} will get no more email from {title}.", "", 200)
 
     def archived(config: Config, name: str) -> bool:
@@ -193,9 +190,9 @@ def _public_routes(app: Flask, state: _State) -> None:
     def archive_index() -> str:
         _page("archive")
         config = state.config
-        with state.store() as store:
+        with state.context() as ctx:
             schedules = [
-                (n, s.title or n, store.issues(n, limit=1000))
+                (n, s.title or n, ctx.store.issues(n, limit=1000))
                 for n, s in config.schedules.items()
                 if archived(config, n)
             ]
@@ -206,9 +203,9 @@ def _public_routes(app: Flask, state: _State) -> None:
         config = state.config
         if not archived(config, schedule):
             abort(404)  # a schedule that is not public does not exist, whatever its name
-        with state.store() as store:
+        with state.context() as ctx:
             try:
-                issue = preview.sent_issue(config, store, schedule, number)
+                issue = preview.sent_issue(ctx, schedule, number)
             except ConfigError:
                 abort(404)
         _page("archive")
@@ -318,8 +315,8 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
     @app.route("/")
     def index() -> str:
         config = state.config
-        with state.store() as store:
-            rows = [digest.schedule_status(config, store, n) for n in config.schedules]
+        with state.context() as ctx:
+            rows = [digest.schedule_status(ctx, n) for n in config.schedules]
         return render_template("index.html", rows=rows, config=config)
 
     def _schedule(name: str) -> Config:
@@ -330,8 +327,8 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
 
     def _next(name: str) -> preview.Preview:
         config = _schedule(name)
-        with state.store() as store:
-            found = preview.next_issue(config, store, name, request.args.get("subscriber") or None)
+        with RunContext.open(config) as ctx:
+            found = preview.next_issue(ctx, name, request.args.get("subscriber") or None)
         if found is None:
             abort(404, "no entries stored for this schedule yet: run newsletter fetch")
         return found
@@ -341,7 +338,8 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
         issue = _next(name)
         config = state.config
         schedule = config.schedule(name)
-        with state.store() as store:
+        with state.context() as ctx:
+            store = ctx.store
             past = store.issues(name, limit=20)
             snippets = social.entry_snippets(config, name, store.entries([a["id"] for a in issue.articles]))
             # The list as last read by a send or `check`: a page view reads no CSV, so a broken
@@ -367,9 +365,9 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
 
     def _sent(name: str, number: int) -> preview.Preview:
         config = _schedule(name)
-        with state.store() as store:
+        with RunContext.open(config) as ctx:
             try:
-                return preview.sent_issue(config, store, name, number)
+                return preview.sent_issue(ctx, name, number)
             except ConfigError:
                 abort(404)
 
@@ -408,8 +406,8 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
                 429,
             )
             return Response(body, status, {"Retry-After": str(seconds)})
-        with state.store() as store:
-            report = digest.send_digest(config, store, name, to=address, force=True, fetch_feeds=False)
+        with RunContext.open(config) as ctx:
+            report = digest.send_digest(ctx, name, to=address, force=True, fetch_feeds=False)
         if report.aborted or not report.issues or report.issues[0].failed:
             reason = report.aborted or (report.issues[0].errors[0][1] if report.issues else "nothing to send")
             return _message("Not sent", f"{address}: {reason}", "", 502)
@@ -423,7 +421,7 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
     return app
 
 
-def _list_note(store: Store, list_name: str, path: Path) -> str:
+def _list_note(store: Storage, list_name: str, path: Path) -> str:
     """Why the list shown may not be the file as it is now (empty when it is)."""
     source = store.subscriber_source(list_name)
     if source is None:
