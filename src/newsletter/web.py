@@ -296,17 +296,31 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
     _limit_bodies(app)
     # Per process: the form's token is in every page, and a page from another site cannot read it.
     csrf = secrets.token_urlsafe(32)
-    test_sends = _RateLimit(TEST_SENDS_PER_MINUTE)
 
     @app.errorhandler(NewsletterError)
     def error(exc: NewsletterError) -> tuple[str, int]:
         return _message("Something is wrong", str(exc), exc.hint, 500)
 
-    _public_routes(app, state)
-
     @app.context_processor
     def stamp() -> dict[str, Any]:
         return {"stamp": state.stamp, "config_error": state.error, "preview": True, "csrf_token": csrf}
+
+    _public_routes(app, state)
+    _preview_pages(app, state)
+    _test_send_route(app, state, csrf, _RateLimit(TEST_SENDS_PER_MINUTE))
+    return app
+
+
+def _known(state: _State, name: str) -> Config:
+    """The configuration, if it has a schedule ``name``; a 404 that names nothing otherwise."""
+    config = state.config
+    if name not in config.schedules:
+        abort(404)
+    return config
+
+
+def _preview_pages(app: Flask, state: _State) -> None:
+    """What is there to look at: every schedule, its next issue as a reader gets it, past issues."""
 
     @app.route("/_stamp")
     def current_stamp() -> Response:
@@ -315,30 +329,30 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
     @app.route("/")
     def index() -> str:
         config = state.config
-        with state.context() as ctx:
+        with RunContext.open(config) as ctx:
             rows = [digest.schedule_status(ctx, n) for n in config.schedules]
         return render_template("index.html", rows=rows, config=config)
 
-    def _schedule(name: str) -> Config:
-        config = state.config
-        if name not in config.schedules:
-            abort(404)
-        return config
-
-    def _next(name: str) -> preview.Preview:
-        config = _schedule(name)
-        with RunContext.open(config) as ctx:
+    def next_issue(name: str) -> preview.Preview:
+        with RunContext.open(_known(state, name)) as ctx:
             found = preview.next_issue(ctx, name, request.args.get("subscriber") or None)
         if found is None:
             abort(404, "no entries stored for this schedule yet: run newsletter fetch")
         return found
 
+    def sent_issue(name: str, number: int) -> preview.Preview:
+        with RunContext.open(_known(state, name)) as ctx:
+            try:
+                return preview.sent_issue(ctx, name, number)
+            except ConfigError:
+                abort(404)
+
     @app.route("/schedules/<name>/")
     def schedule_page(name: str) -> str:
-        issue = _next(name)
+        issue = next_issue(name)
         config = state.config
         schedule = config.schedule(name)
-        with state.context() as ctx:
+        with RunContext.open(config) as ctx:
             store = ctx.store
             past = store.issues(name, limit=20)
             snippets = social.entry_snippets(config, name, store.entries([a["id"] for a in issue.articles]))
@@ -359,29 +373,25 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
     @app.route("/schedules/<name>/email.html")
     def email_html(name: str) -> Response:
         view = VIEWS.get(request.args.get("view", "normal"), VIEWS["normal"])
-        html = view(_next(name).html)
+        html = view(next_issue(name).html)
         _page("email")
         return Response(html, mimetype="text/html")
 
-    def _sent(name: str, number: int) -> preview.Preview:
-        config = _schedule(name)
-        with RunContext.open(config) as ctx:
-            try:
-                return preview.sent_issue(ctx, name, number)
-            except ConfigError:
-                abort(404)
-
     @app.route("/schedules/<name>/issues/<int:number>/")
     def past_issue(name: str, number: int) -> str:
-        issue = _sent(name, number)
+        issue = sent_issue(name, number)
         public = state.config.schedule(name).archive
         return render_template("issue.html", name=name, issue=issue, public=public)
 
     @app.route("/schedules/<name>/issues/<int:number>/email.html")
     def past_email(name: str, number: int) -> Response:
-        html = _sent(name, number).html
+        html = sent_issue(name, number).html
         _page("email")
         return Response(html, mimetype="text/html")
+
+
+def _test_send_route(app: Flask, state: _State, csrf: str, test_sends: _RateLimit) -> None:
+    """A test copy through the real sender: the one state change the preview makes."""
 
     @app.route("/schedules/<name>/test", methods=["POST"])
     def test_send(name: str) -> Response | tuple[str, int]:
@@ -390,7 +400,7 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
             return _message(
                 "Refused", "This form is out of date or came from another site.", "Reload the page.", 403
             )
-        config = _schedule(name)
+        config = _known(state, name)
         raw = " ".join((request.form.get("address") or "").split())
         try:
             address = address_checker()(raw)  # the check every subscriber list gets
@@ -417,8 +427,6 @@ def create_preview_app(config_path: str | None = None, host: str | None = None) 
             "It is not recorded in the ledger.",
             200,
         )
-
-    return app
 
 
 def _list_note(store: Storage, list_name: str, path: Path) -> str:
