@@ -42,7 +42,7 @@ def test_each_failure_maps_to_one_status_and_only_some_stop_the_run() -> None:
         ("b", Outcome.FAILED, "550 NO", ""),
         ("c", Outcome.SENT, "", "at/c"),
     ]
-    assert (run.answered, run.sent, run.aborted, run.gone) == (3, 1, "", "")
+    assert (run.sent, run.aborted, run.gone, run.unavailable) == (1, "", "", "")
     assert run.errors == [("a", "451 LATER"), ("bad", "cannot build it"), ("b", "550 NO")]
 
 
@@ -52,8 +52,9 @@ def test_a_deferral_on_the_last_attempt_fails_for_good() -> None:
 
 
 def test_unavailable_gone_and_a_sender_that_cannot_go_on_end_the_run() -> None:
-    _, recorded = run_with({"a": TargetUnavailable("timed out")})
+    run, recorded = run_with({"a": TargetUnavailable("timed out")})
     assert recorded == [("a", Outcome.PENDING, "TIMED OUT", "")]
+    assert run.unavailable == "TIMED OUT"  # the caller learns why the rest is still pending
     run, recorded = run_with({"b": TargetGone("410 gone")})
     assert recorded[-1] == ("b", Outcome.PENDING, "410 GONE", "") and run.gone == "410 GONE"
     run, recorded = run_with({"b": DeliveryError("refused", hint="check the password")})
@@ -65,4 +66,4 @@ def test_a_stop_ends_the_loop_before_the_next_item() -> None:
     stop = threading.Event()
     stop.set()
     run, recorded = run_with({}, stop=stop)
-    assert recorded == [] and run.answered == 0
+    assert recorded == [] and run.sent == 0

@@ -101,7 +101,11 @@ class Daemon:
                 row = known.get(url)
                 # A feed's own <ttl> is the publisher asking us to wait at least that long.
                 wait = max(config.feed_interval(url), timedelta(minutes=(row.ttl if row else None) or 0))
-                if row is None or not row.last_checked or now - _ts(row.last_checked) >= wait:
+                if (
+                    row is None
+                    or not row.last_checked
+                    or now - datetime.fromisoformat(row.last_checked) >= wait
+                ):
                     due.append(store.feed_state(url))
             if not due:
                 return
@@ -322,10 +326,6 @@ class Daemon:
         log.info("stopping: finishing the message in flight", extra={"event": "stop"})
         self.scheduler.shutdown(wait=True)
         log.info("stopped", extra={"event": "stop"})
-
-
-def _ts(value: str) -> datetime:
-    return datetime.fromisoformat(value)
 
 
 def _cause(exc: BaseException) -> str:

@@ -54,11 +54,11 @@ class Attempt:
 class Run:
     """What one pass of the loop did."""
 
-    answered: int = 0  # items the target answered, whatever it said
     sent: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)  # (label, reason)
     aborted: str = ""  # DeliveryError: why the sender could not go on
     gone: str = ""  # TargetGone: the target's answer
+    unavailable: str = ""  # TargetUnavailable: why the rest waits for a later run
 
 
 def deliver(
@@ -105,6 +105,7 @@ def deliver(
             record(item, Outcome.FAILED if give_up else Outcome.PENDING, said(str(exc)), "")
             run.errors.append((attempt.label, said(str(exc))))
             if isinstance(exc, TargetUnavailable):
+                run.unavailable = said(str(exc))
                 break
         except PermanentFailure as exc:
             record(item, Outcome.FAILED, said(str(exc)), "")
@@ -112,7 +113,6 @@ def deliver(
         else:
             record(item, Outcome.SENT, "", where)
             run.sent += 1
-        run.answered += 1
         if progress:
             progress(1)
     return run

@@ -196,7 +196,7 @@ class _Send:
         )
         report.errors += run.errors
         # The sender cannot go on: this message and the rest stay pending.
-        report.stopped = run.aborted or run.gone
+        report.stopped = run.aborted or run.gone or run.unavailable
         report.complete = store.finish_issue_if_done(issue.id)
         counts = store.delivery_counts(issue.id)
         report.sent, report.failed = counts.sent, counts.failed

@@ -9,6 +9,7 @@ posts twice (beyond the one post in flight) and never skips one.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -258,7 +259,9 @@ def _post_to(ctx: RunContext, name: str, target: PostTarget) -> PostReport:
     store = ctx.store
     report = PostReport(target.to)
     sender = ctx.sender(target.to)  # its own instance: jobs run in threads at once
-    fingerprint = hashlib.sha256(sender.options.model_dump_json().encode()).hexdigest()
+    # Sorted keys: reordering an Options class's fields must not look like a new configuration.
+    options = json.dumps(sender.options.model_dump(mode="json"), sort_keys=True)
+    fingerprint = hashlib.sha256(options.encode()).hexdigest()
     disabled = store.disabled_target(target.to)
     if disabled is not None and disabled.fingerprint != fingerprint:
         # The configuration changed since (a new token, a new URL): worth trying again.
