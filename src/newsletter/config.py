@@ -272,12 +272,17 @@ class Config:
             return "sqlite:///" + str(self.resolve(url[len("sqlite:///") :]))
         return url
 
-    def open_store(self) -> Store:
-        """A new connection to the state database, for one job, request or command; close it."""
+    def open_store(self, busy_timeout: float | None = None) -> Store:
+        """A new connection to the state database, for one job, request or command; close it.
+
+        ``busy_timeout`` (seconds) overrides the configured one, for a connection that must
+        give up quickly rather than wait (a lock's heartbeat).
+        """
         # Imported when used: a command that only reads the config loads no database code.
         from .store import Store
 
-        return Store(self.database_url, busy_timeout=self.settings.busy_timeout.total_seconds())
+        wait = self.settings.busy_timeout.total_seconds() if busy_timeout is None else busy_timeout
+        return Store(self.database_url, busy_timeout=wait)
 
     @property
     def outbox(self) -> Path:

@@ -254,7 +254,7 @@ def send_digest(
             fs = fs.model_copy(update={"timeout": min(fs.timeout, fetch_timeout)})
         report.feeds = fetch(ctx, [name], fs)
     schedule = send.builder.schedule
-    with ScheduleLock(config.database_url, store, name, wait, ctx.stop):
+    with ScheduleLock(config.open_store, store, name, wait, ctx.stop):
         if build:
             store.set_last_run(name, ctx.clock())
         issues = store.unfinished_issues(name)

@@ -12,10 +12,14 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from .errors import BusyError, StoreError
 from .storage import Storage
-from .store import Store
+
+# Opens a new connection to the same store with the busy timeout given (seconds): the lock
+# learns the backend from its caller, so any store that implements Storage can hold locks.
+Opener = Callable[[float], Storage]
 
 
 def lock_owner() -> str:
@@ -53,10 +57,8 @@ class ScheduleLock:
 
     TTL = 60.0
 
-    def __init__(
-        self, database_url: str, store: Storage, name: str, wait: float, stop: threading.Event | None
-    ):
-        self.database_url, self.store, self.name = database_url, store, f"schedule:{name}"
+    def __init__(self, opener: Opener, store: Storage, name: str, wait: float, stop: threading.Event | None):
+        self.opener, self.store, self.name = opener, store, f"schedule:{name}"
         self.schedule, self.wait, self.stop = name, wait, stop
         self.owner = lock_owner()
         self._done = threading.Event()
@@ -80,7 +82,7 @@ class ScheduleLock:
         # short busy timeout: a refresh that cannot get through now is tried again later, and
         # if none does the lock simply expires, as it would had this process died.
         try:
-            store = Store(self.database_url, busy_timeout=2)
+            store = self.opener(2)
         except StoreError:
             return
         try:
@@ -95,5 +97,5 @@ class ScheduleLock:
         self._thread.join()
         # Released on a short-fused connection: when the database is locked, the run is
         # already failing with that error, and the row expires (or its pid is seen gone).
-        with contextlib.suppress(StoreError), Store(self.database_url, busy_timeout=2) as store:
+        with contextlib.suppress(StoreError), self.opener(2) as store:
             store.release_lock(self.name, self.owner)

@@ -306,7 +306,7 @@ def _post_to(ctx: RunContext, name: str, target: PostTarget) -> PostReport:
 
 def post_new(ctx: RunContext, name: str, *, wait: float = 0.0) -> list[PostReport]:
     """Queue the schedule's new articles for its article targets and post everything pending."""
-    with ScheduleLock(ctx.config.database_url, ctx.store, name, wait, ctx.stop):
+    with ScheduleLock(ctx.config.open_store, ctx.store, name, wait, ctx.stop):
         queue_articles(ctx, name)
         return post_pending(ctx, name)
 
