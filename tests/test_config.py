@@ -85,6 +85,18 @@ def test_a_good_config_resolves_paths_against_its_folder(folder: Path) -> None:
             "schedules.weekly.from: Value error, not an email",
         ),
         (
+            ("    from: News <news@example.net>", "    from: Zoë <zoë@exämple.net>"),
+            "schedules.weekly.from: Value error, must be an ASCII address",
+        ),
+        (
+            ("    max_articles: 20", "    max_articles: 20\n    list_id: weekly news"),
+            "schedules.weekly.list_id: Value error, must be ASCII without spaces",
+        ),
+        (
+            ("    max_articles: 20", "    max_articles: 20\n    misfire_grace: 0"),
+            "schedules.weekly.misfire_grace: Value error, must be longer than zero",
+        ),
+        (
             ("${SMTP_HOST}", "${NOT_SET_ANYWHERE}"),
             "senders.mail.host: environment variable NOT_SET_ANYWHERE is not set",
         ),
@@ -178,9 +190,7 @@ def test_the_digest_fetch_deadline_is_a_setting(folder: Path) -> None:
     )
 
 
-def test_the_store_busy_timeout_is_a_setting_and_the_config_opens_its_stores_with_it(
-    folder: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_store_busy_timeout_is_a_setting_and_the_config_opens_its_stores_with_it(folder: Path) -> None:
     from datetime import timedelta
 
     assert load(folder, GOOD).settings.busy_timeout == timedelta(seconds=30)
@@ -191,9 +201,7 @@ def test_the_store_busy_timeout_is_a_setting_and_the_config_opens_its_stores_wit
     assert "busy_timeout: Input should be greater than 0" in error(folder, "busy_timeout: 0\n" + GOOD)
     # Every command, daemon job and web request opens its store here (the fault suite's lock
     # tests show the wait end to end); this is the value that reaches the store.
-    opened: list[tuple[str, float]] = []
-    monkeypatch.setattr(
-        "newsletter.store.Store", lambda url, busy_timeout: opened.append((url, busy_timeout)) or "store"
-    )
-    assert config.open_store() == "store"  # type: ignore[comparison-overlap]
-    assert opened == [(config.database_url, 2.0)]
+    with config.open_store() as store:
+        assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] == 2000  # milliseconds
+    with config.open_store(busy_timeout=0.5) as store:  # a lock heartbeat's short fuse
+        assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] == 500

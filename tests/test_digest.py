@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import FeedServer, Mailbox, Project, Route, item, rss
 from newsletter.config import load_config
 from newsletter.store import Store
@@ -205,3 +207,25 @@ def test_smtp_server_down_is_a_clear_error_and_loses_nothing(
     again = project.run("send-digest", "weekly")
     assert again.exit_code == 0, again.output
     assert box.by_recipient() == {"ann@example.com": 1, "bob@example.com": 1, "cy@example.com": 1}
+
+
+def test_a_server_reply_quoting_a_secret_is_stored_and_shown_blanked(
+    project: Project,
+    feed_server: FeedServer,
+    smtp_server: tuple[Mailbox, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlite3
+
+    box, port = smtp_server
+    monkeypatch.setenv("NEWSLETTER_SECRET", "Sign1ngKeyNobodySees")
+    feed_server.routes["/feed.xml"] = Route(rss([item(1)]))
+    project.setup([feed_server.url("/feed.xml")], smtp_port=port)
+    box.rcpt_replies = {"cy@example.com": "550 5.7.1 refused: Sign1ngKeyNobodySees"}
+    first = project.run("send-digest", "weekly")
+    assert first.exit_code == 1 and "550 5.7.1 refused" in first.output
+    assert "Sign1ngKeyNobodySees" not in first.output
+    with sqlite3.connect(project.root / "state.db") as db:
+        errors = [e for (e,) in db.execute("SELECT last_error FROM deliveries WHERE status = 'failed'")]
+    assert len(errors) == 1 and "550 5.7.1 refused" in errors[0]
+    assert "Sign1ngKeyNobodySees" not in errors[0]

@@ -23,6 +23,7 @@ def fresh() -> Iterator[None]:
         ("GET https://ann:hunter22@feeds.test/rss failed", "GET https://***@feeds.test/rss failed"),
         ("smtp://news:pw@mail.test:587", "smtp://***@mail.test:587"),
         ("http://token@127.0.0.1:8080/feed", "http://***@127.0.0.1:8080/feed"),
+        ("https://u:p@ss@host.test/x", "https://***@host.test/x"),  # a raw @ in the password
         # an @ after the authority is not userinfo
         ("https://feeds.test/rss?author=a@b.test", "https://feeds.test/rss?author=a@b.test"),
         ("https://feeds.test/people/@ann", "https://feeds.test/people/@ann"),

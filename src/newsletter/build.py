@@ -136,8 +136,7 @@ class IssueBuilder:
 
     def sent(self, number: int) -> Issue | None:
         """Issue ``number`` as it was recorded."""
-        found = [i for i in self.store.issues(self.name, limit=100_000) if i.number == number]
-        return found[0] if found else None
+        return self.store.issue(self.name, number)
 
     def reader(self, address: str | None) -> Subscriber:
         """``address`` as the stored list knows it; default the list's first subscriber."""

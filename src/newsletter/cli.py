@@ -418,10 +418,11 @@ def share(state: State, schedule: str, as_json: bool, limit: int) -> None:
             }
             for i in items
         ]
-        # JSON escapes C0 controls itself; DEL and C1 (0x9b is CSI) it leaves raw, and a
-        # terminal would run them. Escaped (\u009b) the document means the same.
+        # JSON escapes C0 controls itself; DEL, C1 (0x9b is CSI) and the bidi overrides it leaves
+        # raw, and a terminal would act on them. Escaped (\u009b) the document means the same.
         text = json.dumps(doc, ensure_ascii=False, indent=2)
-        click.echo(re.sub(r"[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text))
+        raw = re.compile(r"[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+        click.echo(raw.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
         return
     if not items:
         click.echo(f"{schedule}: no articles stored yet (run newsletter fetch)")

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from .errors import ConfigError
 from .redact import redact, remember
@@ -37,8 +45,15 @@ def _duration(value: Any) -> Any:
     return value
 
 
+def _positive(value: timedelta) -> timedelta:
+    # APScheduler refuses a zero or negative interval or grace time, at start-up, not here.
+    if value <= timedelta(0):
+        raise ValueError("must be longer than zero")
+    return value
+
+
 # Every duration in the file: read once, here, so the rest of the code sees a timedelta.
-Duration = Annotated[timedelta, BeforeValidator(_duration)]
+Duration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_positive)]
 
 
 class Strict(BaseModel):
@@ -155,6 +170,16 @@ class Schedule(Strict):
     def _address(cls, value: str | None) -> str | None:
         if value is not None and "@" not in parseaddr(value)[1]:
             raise ValueError(f"not an email address: {value!r}")
+        if value is not None and not parseaddr(value)[1].isascii():
+            # The envelope and the From header carry it as it is; SMTPUTF8 is not spoken here.
+            raise ValueError(f"must be an ASCII address (the name may be in any script): {value!r}")
+        return value
+
+    @field_validator("list_id")
+    @classmethod
+    def _list_id(cls, value: str | None) -> str | None:
+        if value is not None and not (value.isascii() and value.isprintable() and " " not in value):
+            raise ValueError("must be ASCII without spaces (RFC 2919: list-label.domain)")
         return value
 
     @field_validator("unsubscribe_url")
@@ -402,6 +427,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             senders[name] = spec
         except ValidationError as exc:
             problems.append(_describe(exc, path, f"senders.{name}."))
+        except ValueError as exc:  # a sender's own check in __init__
+            problems.append(f"{path}: senders.{name}: {redact(str(exc))}")
 
     config = Config(path, settings, senders)
     for name, schedule in settings.schedules.items():

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .errors import DeliveryError, PermanentFailure, TargetGone, TargetUnavailable, TemporaryFailure
+from .redact import redact
 
 T = TypeVar("T")
 
@@ -68,16 +69,17 @@ def deliver(
     *,
     max_attempts: int,
     stop: threading.Event | None = None,
-    said: Callable[[str], str] = str,
+    said: Callable[[str], str] = redact,
     progress: Callable[[int], None] | None = None,
 ) -> Run:
     """Try every item in turn, recording each outcome the moment it is known.
 
     ``prepare`` returns None for an item it dealt with itself (skipped), or raises
     ``Unsendable`` for one that can never go out. ``record(item, outcome, error, where)``
-    writes the ledger. ``said`` turns an error into the text that is stored and shown (posts
-    blank secrets with it). ``stop`` ends the loop between two items; ``progress`` is told of
-    every answered item.
+    writes the ledger. ``said`` turns every error into the text that is recorded and reported;
+    by default it is redacted, since a server's reply or a target's URL may quote a password or
+    a token. ``stop`` ends the loop between
+    two items; ``progress`` is told of every answered item.
     """
     run = Run()
     for item in items:
@@ -86,6 +88,7 @@ def deliver(
         try:
             attempt = prepare(item)
         except Unsendable as exc:
+            # Our own words about our own message, not a server's: nothing in it to blank.
             record(item, Outcome.FAILED, str(exc), "")
             run.errors.append((exc.label, str(exc)))
             continue

@@ -348,7 +348,7 @@ def _test_send(send: _Send, report: DigestReport, sender: Sender, to: str, force
         item.failed = 1
         item.errors.append((to, str(exc)))
     except DeliveryError as exc:
-        report.aborted = f"{exc}"
+        report.aborted = exc.with_hint()
     report.issues.append(item)
 
 

@@ -121,7 +121,7 @@ def fetch_feed(state: FeedState, settings: FetchSettings) -> FetchResult:
             where += f" (moved to {state.fetch_url})"
         # Stored as the feed's last_error and shown by status: a feed URL's password or token
         # (or a ${VAR} in it) stays out of the database too.
-        error = redact(f"{where}: {exc}")
+        error = redact(one_line(f"{where}: {exc}"))
         return FetchResult(state.url, FetchStatus.ERROR, error=error, fetch_url=state.fetch_url)
 
 

@@ -83,10 +83,13 @@ def next_issue(ctx: RunContext, name: str, address: str | None = None) -> Previe
     )
 
 
-def sent_issue(ctx: RunContext, name: str, number: int) -> Preview:
-    """An issue as it was sent, for the archive: per-subscriber values left blank."""
+def sent_issue(ctx: RunContext, name: str, number: int | Issue) -> Preview:
+    """An issue as it was sent, for the archive: per-subscriber values left blank.
+
+    ``number`` may be the Issue itself, when the caller already holds it (the export).
+    """
     builder = IssueBuilder(ctx, name)
-    issue = builder.sent(number)
+    issue = builder.sent(number) if isinstance(number, int) else number
     if issue is None:
         raise ConfigError(f"{name} has no issue #{number}")
     # The archive is public: no address and no working unsubscribe link in it.
@@ -167,7 +170,7 @@ def export_archive(ctx: RunContext, name: str, out: Path) -> list[Path]:
     written, items = [], []
     for issue in ctx.store.issues(name, limit=100_000):
         page = out / f"{issue.number}.html"
-        write_private(page, sent_issue(ctx, name, issue.number).html.encode("utf-8"))
+        write_private(page, sent_issue(ctx, name, issue).html.encode("utf-8"))
         written.append(page)
         items.append(f'<li><a href="{issue.number}.html">#{issue.number}</a> {escape(issue.subject)}</li>')
     title = escape(config.schedule(name).title or name)

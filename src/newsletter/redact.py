@@ -22,7 +22,7 @@ _lock = threading.Lock()
 _secrets: set[str] = set()
 
 # scheme://user:password@host -> scheme://***@host (not past the authority: "?a=b@c" is a query)
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s@]*@")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
 # ?token=..., &access_token=..., &api_key=..., &X-Amz-Signature=... (a value that authenticates)
 _QUERY_SECRET = re.compile(
     r"(?i)([?&;][\w.-]*?(?:token|key|secret|password|passwd|pwd|signature|sig|auth|credential)=)[^&#\s]+"

@@ -289,9 +289,8 @@ def _post_to(ctx: RunContext, name: str, target: PostTarget) -> PostReport:
     run = Run()
     try:
         with sender:
-            run = deliver(
-                store.pending_posts(target.to, name), prepare, record, max_attempts=max_attempts, said=redact
-            )
+            pending = store.pending_posts(target.to, name)
+            run = deliver(pending, prepare, record, max_attempts=max_attempts, stop=ctx.stop)
     except DeliveryError as exc:  # opening or closing the sender
         run.aborted = redact(exc.with_hint())
     report.errors += run.errors

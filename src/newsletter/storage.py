@@ -137,6 +137,10 @@ class Storage(Protocol):
 
     def issue_by_id(self, issue_id: int) -> Issue | None: ...
 
+    def issue(self, schedule: str, number: int) -> Issue | None:
+        """Issue ``number`` of the schedule, as it was recorded."""
+        ...
+
     def issues(self, schedule: str, limit: int = 5) -> list[Issue]:
         """The latest issues of the schedule, newest first."""
         ...

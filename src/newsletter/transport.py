@@ -13,6 +13,9 @@ class: a feed on the public Internet must not be able to make us fetch
 to is checked before any connection is made, and the connection goes to the very address that
 was checked, so DNS rebinding between check and connect cannot slip through. Behind a proxy
 (``HTTPS_PROXY`` and friends) the proxy connects; the address check is then the proxy's job.
+The class of the configured URL's own addresses is trusted, as it resolves when fetched (an
+intranet feed by host name must work): a feed owner who points their own host name at a
+private address is not stopped by this check, only their redirects are.
 """
 
 from __future__ import annotations
@@ -223,9 +226,7 @@ class _GuardedConnection(HTTPConnection):
                     source_address=self.source_address,
                     socket_options=self.socket_options,
                 )
-            except TimeoutError as exc:
-                error = exc
-            except OSError as exc:
+            except OSError as exc:  # TimeoutError included
                 error = exc
         if isinstance(error, TimeoutError):
             raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from error

@@ -31,6 +31,7 @@ from .config import Config, load_config
 from .context import RunContext
 from .errors import ConfigError, NewsletterError
 from .redact import redact
+from .sanitize import printable
 from .storage import Storage
 from .subscribers import address_checker, fingerprint
 from .tokens import TokenError
@@ -222,7 +223,8 @@ def create_public_app(config_path: str | None = None) -> Flask:
     @app.errorhandler(NewsletterError)
     def error(exc: NewsletterError) -> tuple[str, int]:
         # The details (paths, names) are for the operator's log, not for the internet.
-        log.error("%s", redact(f"{request.method} {request.path}: {exc}"))
+        # The path is the visitor's, decoded: %0A or %1B in it must not forge or colour a line.
+        log.error("%s", printable(redact(f"{request.method} {request.path}: {exc}")))
         return _message("Something is wrong", "This page cannot be shown right now.", "Try again later.", 500)
 
     _public_routes(app, state)
@@ -357,7 +359,7 @@ def _preview_pages(app: Flask, state: _State) -> None:
             past = store.issues(name, limit=20)
             snippets = social.entry_snippets(config, name, store.entries([a["id"] for a in issue.articles]))
             # The list as last read by a send or `check`: a page view reads no CSV, so a broken
-            # or half-saved file never breaks the preview, and a large one costs no re-read.
+            # or half-saved file never breaks the preview, and a large one is hashed, not parsed.
             subscribers = [sub for sub, _ in islice(store.subscribers(schedule.subscribers, page=200), 200)]
             list_note = _list_note(store, schedule.subscribers, config.subscribers_path(schedule))
         return render_template(

@@ -8,6 +8,7 @@ database at the previous number, not between two.
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -34,7 +35,8 @@ class Migration:
     sql: str
 
 
-def load(backend: str) -> list[Migration]:
+@functools.cache  # every open checks them: read the files once per process
+def load(backend: str) -> tuple[Migration, ...]:
     """The backend's migrations in order; their numbers run 1, 2, 3... without a gap."""
     found = []
     for path in sorted((MIGRATIONS_DIR / backend).glob("*.sql")):
@@ -44,10 +46,10 @@ def load(backend: str) -> list[Migration]:
         found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
     if [m.number for m in found] != list(range(1, len(found) + 1)):
         raise StoreError(f"{MIGRATIONS_DIR / backend}: migrations must be numbered 1, 2, 3... without a gap")
-    return found
+    return tuple(found)
 
 
-def statements(script: str) -> Iterator[str]:
+def statements(script: str, where: str = "migration") -> Iterator[str]:
     """The SQL statements of a script, one at a time (comments and blank lines dropped)."""
     pending = ""
     for line in script.splitlines(keepends=True):
@@ -58,7 +60,7 @@ def statements(script: str) -> Iterator[str]:
             yield pending.strip()
             pending = ""
     if pending.strip():
-        raise StoreError(f"migration ends inside a statement: {pending.strip()[:60]!r}")
+        raise StoreError(f"{where} ends inside a statement: {pending.strip()[:60]!r}")
 
 
 # Databases made before numbered migrations had no schema_migrations table: every open ran
@@ -96,8 +98,12 @@ def migrate_sqlite(db: sqlite3.Connection, path: str) -> None:
         legacy = version == 0 and _has_tables(db)
         for m in migrations[version:]:
             if not (legacy and m.number in _ALREADY_THERE and _ALREADY_THERE[m.number](db)):
-                for statement in statements(m.sql):
-                    db.execute(statement)
+                where = f"migration {m.number:04d}_{m.name}"
+                for statement in statements(m.sql, where):
+                    try:
+                        db.execute(statement)
+                    except sqlite3.Error as exc:
+                        raise StoreError(f"{path}: {where}: {exc}") from None
             db.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (m.number, m.name, now().isoformat(timespec="seconds")),

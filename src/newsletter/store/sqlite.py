@@ -257,6 +257,12 @@ class SQLiteStore(Database):
         row = self.execute("SELECT * FROM issues WHERE id = ?", (issue_id,)).fetchone()
         return _issue(row) if row else None
 
+    def issue(self, schedule: str, number: int) -> Issue | None:
+        row = self.execute(
+            "SELECT * FROM issues WHERE schedule = ? AND number = ?", (schedule, number)
+        ).fetchone()
+        return _issue(row) if row else None
+
     def unfinished_issues(self, schedule: str) -> list[Issue]:
         rows = self.execute(
             "SELECT * FROM issues WHERE schedule = ? AND status = ? ORDER BY number",
