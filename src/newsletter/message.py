@@ -72,7 +72,16 @@ def address_header(name: str, display: str, address: str) -> bytes:
     if display and (not display.isascii() or "=?" in display):
         # A plain "=?...?=" would be decoded as an encoded-word: encode it so it shows as typed.
         return _fold(f"{name}:", [*_atoms(display, phrase=True), f"<{address}>"])
-    return raw_header(name, formataddr((display, address)) if display else address)
+    if not display:
+        return raw_header(name, address)
+    if _ATOMS.fullmatch(display):
+        # Words of atext: nothing to quote, and formataddr would cost more than the whole rest.
+        return f"{name}: {display} <{address}>\r\n".encode("ascii")
+    return raw_header(name, formataddr((display, address)))
+
+
+# RFC 5322 atext and spaces between words: a display name that needs no quoting.
+_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 
 
 def to_header(name: str, address: str) -> bytes:

@@ -121,7 +121,9 @@ def printable(value: str) -> str:
     Use it on untrusted text bound for a terminal or a log line: nothing in it can move the
     cursor, recolour the screen or start a new line that looks like one of ours.
     """
-    return _CONTROL.sub(" ", value)
+    # isprintable() is false for every control, format and line-separator character: the
+    # common clean value (a title, a name, per message) skips the regex.
+    return value if value.isprintable() else _CONTROL.sub(" ", value)
 
 
 def one_line(value: str) -> str:
