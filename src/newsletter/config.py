@@ -28,6 +28,7 @@ from .errors import ConfigError
 from .redact import redact, remember
 from .schedule import parse_duration, parse_when, zone
 from .senders import Sender, SenderSpec, sender_names, sender_type
+from .window import SendWindow, parse_window
 
 if TYPE_CHECKING:
     from apscheduler.triggers.base import BaseTrigger
@@ -157,6 +158,9 @@ class Schedule(Strict):
     post_every: Duration = timedelta(minutes=5)  # how often the daemon posts new articles
     # Past issues appear on the public /archive/ only when asked for: a list may be private.
     archive: bool = False
+    # When sending may go on, in the schedule's timezone: "weekdays 08:00-18:00". A send
+    # outside it waits for the next opening (default: any time).
+    send_window: str | None = None
 
     @field_validator("timezone")
     @classmethod
@@ -164,6 +168,17 @@ class Schedule(Strict):
         if value is not None:
             zone(value)
         return value
+
+    @field_validator("send_window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_window(value)  # the text is checked here; its timezone is known in window()
+        return value
+
+    def window(self, default_tz: str) -> SendWindow | None:
+        """The parsed ``send_window`` in the schedule's timezone (else ``default_tz``)."""
+        return parse_window(self.send_window, self.timezone or default_tz) if self.send_window else None
 
     @field_validator("from_", "reply_to")
     @classmethod

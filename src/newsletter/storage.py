@@ -163,6 +163,10 @@ class Storage(Protocol):
 
     def delivery_counts(self, issue_id: int) -> DeliveryCounts: ...
 
+    def recent_sends(self, issue_id: int, since: datetime) -> int:
+        """Deliveries of the issue marked sent at ``since`` or later: a running send's rate."""
+        ...
+
     # -- subscriber lists ------------------------------------------------------------------------
 
     def subscriber_source(self, list_name: str) -> ListSource | None:
@@ -232,3 +236,19 @@ class Storage(Protocol):
     def refresh_lock(self, name: str, owner: str, ttl: float) -> None: ...
 
     def release_lock(self, name: str, owner: str) -> None: ...
+
+    # -- sender usage: what a sender's daily quota counts, across restarts ----------------------
+
+    def count_sent(self, sender: str, when: datetime, n: int = 1) -> None:
+        """Add ``n`` messages to the UTC hour of ``when`` (timezone-aware). Inside
+        ``transaction()`` it commits or rolls back with the rest, e.g. the ledger row."""
+        ...
+
+    def sent_since(self, sender: str, since: datetime) -> list[tuple[datetime, int]]:
+        """The hour buckets from the one ``since`` falls in on, oldest first: (the hour's
+        start in UTC, messages)."""
+        ...
+
+    def forget_usage(self, before: datetime) -> int:
+        """Drop every sender's buckets of hours before the one ``before`` falls in; how many."""
+        ...

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 from collections.abc import Collection, Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..model import (
@@ -40,6 +39,8 @@ from ..model import (
 )
 from ..storage import ListReader
 from .database import Database
+from .rows import entry_row, feed_row, iso, issue_row, subscriber_row
+from .usage import SenderUsage
 
 # A new copy of a list is gathered here, in SQLite's temporary database: writing it takes no
 # lock on the state database, however long reading and checking the file takes.
@@ -56,11 +57,7 @@ _NOT_SUPPRESSED = "NOT EXISTS (SELECT 1 FROM suppressions u WHERE u.list_name = 
 _ACTIVE = f"{_CURRENT} AND {_NOT_SUPPRESSED}"
 
 
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat(timespec="seconds")
-
-
-class SQLiteStore(Database):
+class SQLiteStore(SenderUsage):
     def __enter__(self) -> SQLiteStore:
         return self
 
@@ -95,7 +92,7 @@ class SQLiteStore(Database):
         return datetime.fromisoformat(value) if value else None
 
     def set_last_run(self, schedule: str, when: datetime) -> None:
-        self.set_meta(f"last_run:{schedule}", _iso(when))
+        self.set_meta(f"last_run:{schedule}", iso(when))
 
     # -- feeds and entries ------------------------------------------------------------------
 
@@ -110,7 +107,7 @@ class SQLiteStore(Database):
 
         ``history``: indexes of ``result.entries`` stored as history (never mailed) if this is
         the feed's first successful fetch."""
-        stamp = _iso(now())
+        stamp = iso(now())
         with self.transaction():
             known = self.execute("SELECT last_ok FROM feeds WHERE url = ?", (result.url,)).fetchone()
             self.execute(
@@ -162,7 +159,7 @@ class SQLiteStore(Database):
                         e.link,
                         e.summary_html,
                         e.author,
-                        _iso(e.published) if e.published else stamp,
+                        iso(e.published) if e.published else stamp,
                         stamp,
                         e.image_url,
                         json.dumps(e.categories),
@@ -175,7 +172,7 @@ class SQLiteStore(Database):
     def feeds(self, urls: Iterable[str] | None = None) -> list[FeedRow]:
         rows = self.execute("SELECT * FROM feeds ORDER BY url").fetchall()
         wanted = set(urls) if urls is not None else None
-        return [_feed(r) for r in rows if wanted is None or r["url"] in wanted]
+        return [feed_row(r) for r in rows if wanted is None or r["url"] in wanted]
 
     def new_entries(
         self, feed_urls: list[str], after_id: int, up_to_id: int, limit: int
@@ -190,12 +187,12 @@ class SQLiteStore(Database):
             " AND backlog = 0 ORDER BY published DESC, id ASC LIMIT ?",
             (*feed_urls, after_id, up_to_id, limit),
         ).fetchall()
-        return [_entry(r) for r in rows]
+        return [entry_row(r) for r in rows]
 
     def entries(self, ids: list[int]) -> list[StoredEntry]:
         marks = ",".join("?" * len(ids))
         rows = self.execute(f"SELECT * FROM entries WHERE id IN ({marks})", ids).fetchall()
-        by_id = {r["id"]: _entry(r) for r in rows}
+        by_id = {r["id"]: entry_row(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
 
     def max_entry_id(self) -> int:
@@ -234,7 +231,7 @@ class SQLiteStore(Database):
                 (
                     schedule,
                     number,
-                    _iso(stamp),
+                    iso(stamp),
                     IssueStatus.SENDING,
                     watermark,
                     json.dumps(entry_ids),
@@ -249,32 +246,32 @@ class SQLiteStore(Database):
                     "INSERT INTO deliveries (issue_id, recipient, status, updated_at)"
                     " SELECT ?, s.key, ?, ? FROM subscribers s"
                     f" WHERE {_ACTIVE} ON CONFLICT DO NOTHING",
-                    (issue_id, DeliveryStatus.PENDING, _iso(stamp), list_name, list_name, list_name),
+                    (issue_id, DeliveryStatus.PENDING, iso(stamp), list_name, list_name, list_name),
                 )
         return Issue(issue_id, schedule, number, stamp, IssueStatus.SENDING, entry_ids, subject, payload)
 
     def issue_by_id(self, issue_id: int) -> Issue | None:
         row = self.execute("SELECT * FROM issues WHERE id = ?", (issue_id,)).fetchone()
-        return _issue(row) if row else None
+        return issue_row(row) if row else None
 
     def issue(self, schedule: str, number: int) -> Issue | None:
         row = self.execute(
             "SELECT * FROM issues WHERE schedule = ? AND number = ?", (schedule, number)
         ).fetchone()
-        return _issue(row) if row else None
+        return issue_row(row) if row else None
 
     def unfinished_issues(self, schedule: str) -> list[Issue]:
         rows = self.execute(
             "SELECT * FROM issues WHERE schedule = ? AND status = ? ORDER BY number",
             (schedule, IssueStatus.SENDING),
         ).fetchall()
-        return [_issue(r) for r in rows]
+        return [issue_row(r) for r in rows]
 
     def issues(self, schedule: str, limit: int = 5) -> list[Issue]:
         rows = self.execute(
             "SELECT * FROM issues WHERE schedule = ? ORDER BY number DESC LIMIT ?", (schedule, limit)
         ).fetchall()
-        return [_issue(r) for r in rows]
+        return [issue_row(r) for r in rows]
 
     def pending(self, issue_id: int, list_name: str, after: str = "", limit: int = 500) -> list[Pending]:
         """The next ``limit`` deliveries still to be made, in recipient order after ``after``.
@@ -296,7 +293,7 @@ class SQLiteStore(Database):
             Pending(
                 r["recipient"],
                 r["attempts"],
-                _subscriber(r) if r["email"] is not None else None,
+                subscriber_row(r) if r["email"] is not None else None,
                 bool(r["suppressed"]),
             )
             for r in rows
@@ -308,14 +305,14 @@ class SQLiteStore(Database):
         self.execute(
             "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
             " updated_at = ? WHERE issue_id = ? AND recipient = ?",
-            (status, error, _iso(now()), issue_id, recipient),
+            (status, error, iso(now()), issue_id, recipient),
         )
 
     def skip_delivery(self, issue_id: int, recipient: str, reason: str) -> None:
         self.execute(
             "UPDATE deliveries SET status = ?, last_error = ?, updated_at = ?"
             " WHERE issue_id = ? AND recipient = ?",
-            (DeliveryStatus.SKIPPED, reason, _iso(now()), issue_id, recipient),
+            (DeliveryStatus.SKIPPED, reason, iso(now()), issue_id, recipient),
         )
 
     def finish_issue_if_done(self, issue_id: int) -> bool:
@@ -332,6 +329,13 @@ class SQLiteStore(Database):
             (issue_id,),
         ).fetchall()
         return DeliveryCounts(**{DeliveryStatus(r["status"]).value: r["n"] for r in rows})
+
+    def recent_sends(self, issue_id: int, since: datetime) -> int:
+        row = self.execute(
+            "SELECT COUNT(*) AS n FROM deliveries WHERE issue_id = ? AND status = ? AND updated_at >= ?",
+            (issue_id, DeliveryStatus.SENT, iso(since)),
+        ).fetchone()
+        return int(row["n"])
 
     # -- subscriber lists: subscribers/NAME.csv, checked once per change of the file ---------
 
@@ -374,7 +378,7 @@ class SQLiteStore(Database):
                     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET source = excluded.source,"
                     " generation = excluded.generation, problems = excluded.problems,"
                     " loaded_at = excluded.loaded_at",
-                    (list_name, source, new, json.dumps(problems), _iso(now())),
+                    (list_name, source, new, json.dumps(problems), iso(now())),
                 )
                 self.execute(
                     "DELETE FROM subscribers WHERE list_name = ? AND generation != ?", (list_name, new)
@@ -395,7 +399,7 @@ class SQLiteStore(Database):
             f"SELECT * FROM subscribers s WHERE {_CURRENT} AND key = ?",
             (list_name, list_name, address.lower()),
         ).fetchone()
-        return _subscriber(row) if row else None
+        return subscriber_row(row) if row else None
 
     def subscribers(self, list_name: str, page: int = 500) -> Iterator[ListedSubscriber]:
         """The list in file order, read ``page`` rows at a time."""
@@ -405,7 +409,7 @@ class SQLiteStore(Database):
             " AND line > ? ORDER BY line LIMIT ?",
             (list_name, list_name, list_name, after, page),
         ).fetchall():
-            yield from (ListedSubscriber(_subscriber(r), bool(r["suppressed"])) for r in rows)
+            yield from (ListedSubscriber(subscriber_row(r), bool(r["suppressed"])) for r in rows)
             after = rows[-1]["line"]
 
     def subscriber_fields(self, list_name: str) -> list[str]:
@@ -424,7 +428,7 @@ class SQLiteStore(Database):
         cur = self.execute(
             "INSERT INTO suppressions (list_name, address, created_at, source) VALUES (?, ?, ?, ?)"
             " ON CONFLICT DO NOTHING",
-            (list_name, address.lower(), _iso(now()), source),
+            (list_name, address.lower(), iso(now()), source),
         )
         return cur.rowcount > 0
 
@@ -438,7 +442,7 @@ class SQLiteStore(Database):
     # -- webhook posts ---------------------------------------------------------------------------
 
     def queue_post(self, target: str, item_id: str, schedule: str, kind: PostKind, ref: int) -> int:
-        stamp = _iso(now())
+        stamp = iso(now())
         cur = self.execute(
             "INSERT INTO posts (target, item_id, schedule, kind, ref, status, created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -461,7 +465,7 @@ class SQLiteStore(Database):
         self.execute(
             "UPDATE posts SET status = ?, attempts = attempts + 1, last_error = ?, location = ?,"
             " updated_at = ? WHERE target = ? AND item_id = ?",
-            (status, error, location, _iso(now()), target, item_id),
+            (status, error, location, iso(now()), target, item_id),
         )
 
     def post_counts(self, target: str, schedule: str) -> PostCounts:
@@ -476,7 +480,7 @@ class SQLiteStore(Database):
             "INSERT INTO targets (name, reason, fingerprint, disabled_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (name) DO UPDATE SET reason = excluded.reason,"
             " fingerprint = excluded.fingerprint, disabled_at = excluded.disabled_at",
-            (name, reason, fingerprint, _iso(now())),
+            (name, reason, fingerprint, iso(now())),
         )
 
     def disabled_target(self, name: str) -> DisabledTarget | None:
@@ -504,14 +508,14 @@ class SQLiteStore(Database):
                 "INSERT INTO locks (name, owner, acquired_at, expires_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
                 " acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
-                (name, owner, _iso(stamp), _iso(stamp + timedelta(seconds=ttl))),
+                (name, owner, iso(stamp), iso(stamp + timedelta(seconds=ttl))),
             )
             return None
 
     def refresh_lock(self, name: str, owner: str, ttl: float) -> None:
         self.execute(
             "UPDATE locks SET expires_at = ? WHERE name = ? AND owner = ?",
-            (_iso(now() + timedelta(seconds=ttl)), name, owner),
+            (iso(now() + timedelta(seconds=ttl)), name, owner),
         )
 
     def release_lock(self, name: str, owner: str) -> None:
@@ -548,55 +552,3 @@ class _Staging:
             "SELECT line FROM temp.subscriber_staging WHERE key = ?", (sub.key,)
         ).fetchone()
         return int(first["line"])
-
-
-def _subscriber(row: sqlite3.Row) -> Subscriber:
-    return Subscriber(row["email"], row["name"], json.loads(row["fields"]))
-
-
-def _feed(row: sqlite3.Row) -> FeedRow:
-    status = row["last_status"]
-    return FeedRow(
-        url=row["url"],
-        title=row["title"],
-        link=row["link"],
-        fetch_url=row["fetch_url"],
-        etag=row["etag"],
-        last_modified=row["last_modified"],
-        last_checked=row["last_checked"],
-        last_ok=row["last_ok"],
-        last_status=FetchStatus(status) if status else None,
-        last_error=row["last_error"],
-        consecutive_errors=row["consecutive_errors"],
-        error_count=row["error_count"],
-        # A ttl stored before it was clamped (10**15 minutes, say) must not break every poll.
-        ttl=clamp_ttl(row["ttl"]),
-    )
-
-
-def _entry(row: sqlite3.Row) -> StoredEntry:
-    return StoredEntry(
-        id=row["id"],
-        feed_url=row["feed_url"],
-        title=row["title"],
-        link=row["link"],
-        summary_html=row["summary_html"],
-        author=row["author"],
-        published=datetime.fromisoformat(row["published"]),
-        image_url=row["image_url"],
-        categories=json.loads(row["categories"]),
-        first_seen=datetime.fromisoformat(row["first_seen"]),
-    )
-
-
-def _issue(row: sqlite3.Row) -> Issue:
-    return Issue(
-        id=row["id"],
-        schedule=row["schedule"],
-        number=row["number"],
-        created_at=datetime.fromisoformat(row["created_at"]),
-        status=IssueStatus(row["status"]),
-        entry_ids=json.loads(row["entry_ids"]),
-        subject=row["subject"],
-        payload=json.loads(row["payload"]),
-    )

@@ -1,0 +1,65 @@
+"""Stored rows as ``model`` types, and the one way the store writes a time."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+
+from ..model import FeedRow, FetchStatus, Issue, IssueStatus, StoredEntry, Subscriber, clamp_ttl
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def subscriber_row(row: sqlite3.Row) -> Subscriber:
+    return Subscriber(row["email"], row["name"], json.loads(row["fields"]))
+
+
+def feed_row(row: sqlite3.Row) -> FeedRow:
+    status = row["last_status"]
+    return FeedRow(
+        url=row["url"],
+        title=row["title"],
+        link=row["link"],
+        fetch_url=row["fetch_url"],
+        etag=row["etag"],
+        last_modified=row["last_modified"],
+        last_checked=row["last_checked"],
+        last_ok=row["last_ok"],
+        last_status=FetchStatus(status) if status else None,
+        last_error=row["last_error"],
+        consecutive_errors=row["consecutive_errors"],
+        error_count=row["error_count"],
+        # A ttl stored before it was clamped (10**15 minutes, say) must not break every poll.
+        ttl=clamp_ttl(row["ttl"]),
+    )
+
+
+def entry_row(row: sqlite3.Row) -> StoredEntry:
+    return StoredEntry(
+        id=row["id"],
+        feed_url=row["feed_url"],
+        title=row["title"],
+        link=row["link"],
+        summary_html=row["summary_html"],
+        author=row["author"],
+        published=datetime.fromisoformat(row["published"]),
+        image_url=row["image_url"],
+        categories=json.loads(row["categories"]),
+        first_seen=datetime.fromisoformat(row["first_seen"]),
+    )
+
+
+def issue_row(row: sqlite3.Row) -> Issue:
+    return Issue(
+        id=row["id"],
+        schedule=row["schedule"],
+        number=row["number"],
+        created_at=datetime.fromisoformat(row["created_at"]),
+        status=IssueStatus(row["status"]),
+        entry_ids=json.loads(row["entry_ids"]),
+        subject=row["subject"],
+        payload=json.loads(row["payload"]),
+    )

@@ -1,0 +1,47 @@
+"""How many messages each sender handed over, per UTC hour: what a daily quota counts.
+
+A provider's daily quota is a rolling 24 hours (SES, Google's relay), and it must survive a
+restart: a run stopped at 9,000 of 10,000 and started again must not send 10,000 more. One
+row per sender and hour keeps that to at most 25 rows a sender, whatever the volume.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from .database import Database
+
+_HOUR = "%Y-%m-%dT%H"  # UTC; sorts as it runs, in SQL as in Python
+
+
+def hour_of(when: datetime) -> str:
+    """The bucket ``when`` falls in: ``'2026-12-01T13'``."""
+    if when.tzinfo is None:
+        raise ValueError(f"a time with its timezone is needed, not {when.isoformat()}")
+    return when.astimezone(UTC).strftime(_HOUR)
+
+
+class SenderUsage(Database):
+    """The store's ``sender_usage`` methods (migration 0003)."""
+
+    def count_sent(self, sender: str, when: datetime, n: int = 1) -> None:
+        """Add ``n`` messages to the hour of ``when``. Inside ``transaction()`` it commits, or
+        rolls back, with the rest of it (the ledger row of the same message)."""
+        self.execute(
+            "INSERT INTO sender_usage (sender, hour, sent) VALUES (?, ?, ?)"
+            " ON CONFLICT (sender, hour) DO UPDATE SET sent = sender_usage.sent + excluded.sent",
+            (sender, hour_of(when), n),
+        )
+
+    def sent_since(self, sender: str, since: datetime) -> list[tuple[datetime, int]]:
+        """The hour buckets from the one ``since`` falls in on, oldest first, each as (start of
+        the hour in UTC, messages). The first may hold messages from before ``since``."""
+        rows = self.execute(
+            "SELECT hour, sent FROM sender_usage WHERE sender = ? AND hour >= ? ORDER BY hour",
+            (sender, hour_of(since)),
+        ).fetchall()
+        return [(datetime.strptime(r["hour"], _HOUR).replace(tzinfo=UTC), int(r["sent"])) for r in rows]
+
+    def forget_usage(self, before: datetime) -> int:
+        """Drop the buckets of every sender that end before the hour of ``before``; how many."""
+        return self.execute("DELETE FROM sender_usage WHERE hour < ?", (hour_of(before),)).rowcount
