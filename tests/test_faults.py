@@ -2,8 +2,12 @@
 written, nothing is lost, nothing is sent twice beyond the one message in flight, no run hangs
 past its timeout and no run ends in a traceback.
 
-Everything here is real: `newsletter` runs as a subprocess (so a SIGKILL is a SIGKILL and a
-traceback on stderr is seen), feeds come over HTTP and mail goes over SMTP, all on 127.0.0.1.
+Everything here is real: feeds come over HTTP and mail goes over SMTP, all on 127.0.0.1, and
+the run that meets the fault is `newsletter` as a subprocess (so a SIGKILL is a SIGKILL, a run
+that hangs is seen to, and a traceback on stderr is seen). The runs around it, the set-up fetch
+and the next run that must finish the issue, run in this process (`cli_here`): the same exit
+code and output without a second of start-up each. So do the feeds whose content alone is
+hostile; those that could hang or exhaust a process are fetched by a real one.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from conftest import FeedServer, Mailbox, Project, Route, item, rss
+from conftest import FeedServer, Mailbox, Project, Route, item, rss, run_in_process
 
 # Every test is bounded: 60 s unless marked. The database-lock tests set the store's busy
 # timeout to STORE_LOCK_WAIT (1 s, not the 30 s default) so that giving up is quick to watch.
@@ -60,6 +64,13 @@ def cli(project: Project, *args: str, timeout: float = 45) -> tuple[subprocess.C
     """Run the CLI to the end; return the process and how long it took."""
     start = time.monotonic()
     done = subprocess.run(command(project, *args), capture_output=True, text=True, timeout=timeout, env=ENV)
+    return done, time.monotonic() - start
+
+
+def cli_here(project: Project, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """What `cli` answers, from a run in this process."""
+    start = time.monotonic()
+    done = run_in_process(["--config", str(project.config), *args], env={"NEWSLETTER_SECRET": "fault-suite"})
     return done, time.monotonic() - start
 
 
@@ -93,7 +104,13 @@ def configure(
 ) -> None:
     """schedules.yaml with one schedule `weekly`; smtp when a port is given, else the file sender."""
     if smtp_port:
-        sender = f"type: smtp\n    host: 127.0.0.1\n    port: {smtp_port}\n    timeout: {smtp_timeout}"
+        # One connection: these faults are about one conversation, its counts exact. Many
+        # connections meet the same faults in tests/test_pipeline.py. Throttling backs off
+        # briefly here, and a server that keeps at it is given up on within 2 s.
+        sender = (
+            f"type: smtp\n    host: 127.0.0.1\n    port: {smtp_port}\n    timeout: {smtp_timeout}"
+            "\n    connections: 1\n    backoff_max: 0.05\n    patience: 2"
+        )
     else:
         sender = "type: file\n    path: outbox"
     feed_lines = "\n".join(f"      - {f}" for f in feeds)
@@ -336,7 +353,7 @@ def finish_against_a_good_server(
     """The next run, against a well-behaved server, finishes the issue; nothing is lost."""
     assert_ledger_not_ahead_of_the_wire(project.root / "state.db", faulty.by_recipient())
     mail_project(project, feed_server, port)
-    second, _ = cli(project, "send-digest", SCHEDULE)
+    second, _ = cli_here(project, "send-digest", SCHEDULE)
     assert_clean_exit(second, 0)
     assert f"sent {MAIL_READERS}, pending 0, failed 0" in second.stdout, output(second)
     copies = faulty.by_recipient() + Counter(box.by_recipient())
@@ -345,7 +362,7 @@ def finish_against_a_good_server(
     assert extra <= duplicates, f"{extra} duplicate(s): {sorted(r for r, n in copies.items() if n > 1)}"
     # Still issue #1: the rerun finished it rather than building another.
     assert {str(m["Subject"]) for m in box.parsed()} == {"Test Weekly #1: Post 2"}
-    third, _ = cli(project, "send-digest", SCHEDULE)
+    third, _ = cli_here(project, "send-digest", SCHEDULE)
     assert_clean_exit(third, 0)
     assert "nothing new" in third.stdout
     assert faulty.by_recipient() + Counter(box.by_recipient()) == copies
@@ -405,7 +422,7 @@ def test_connection_dropped_mid_data_for_good_stops_the_run_and_the_next_run_fin
 
 
 @pytest.mark.parametrize("times", [1, None], ids=["once", "for-good"])
-def test_421_and_close_leaves_the_rest_pending_and_the_next_run_finishes(
+def test_421_backs_off_and_a_server_that_keeps_at_it_leaves_the_rest_pending(
     project: Project,
     feed_server: FeedServer,
     smtp_server: tuple[Mailbox, int],
@@ -417,20 +434,21 @@ def test_421_and_close_leaves_the_rest_pending_and_the_next_run_finishes(
     faulty_smtp.append(faulty)
     mail_project(project, feed_server, faulty.port)
     first, _ = cli(project, "send-digest", SCHEDULE)
-    assert_clean_exit(first, 1)
-    assert "421" in first.stdout + first.stderr, output(first)
     states = Counter(ledger(project.root / "state.db").values())
     if times == 1:
-        # One recipient was deferred with the server's reply; the reconnection took the rest.
-        assert "sent 19, pending 1, failed 0 (unfinished: run again to retry)" in first.stdout, output(first)
-        assert "421 4.3.2" in first.stderr, output(first)
-        assert states == {"sent": 19, "pending": 1}
-    else:
-        assert f"127.0.0.1:{faulty.port}" in first.stderr, output(first)
-        assert states == {"sent": 5, "pending": MAIL_READERS - 5}
+        # "Slow down" is the server's pace, not the reader's fault: a pause, a new
+        # connection, and the same message again. Nobody is deferred or failed for it.
+        assert_clean_exit(first, 0)
+        assert f"sent {MAIL_READERS}, pending 0, failed 0" in first.stdout, output(first)
+        assert states == {"sent": MAIL_READERS}
+        assert faulty.by_recipient() == Counter(readers(MAIL_READERS))
+        return
+    # A server that keeps saying 421: the run gives up within its patience, the rest pending.
+    assert_clean_exit(first, 1)
+    assert "421" in first.stderr and f"127.0.0.1:{faulty.port}" in first.stderr, output(first)
+    assert states == {"sent": 5, "pending": MAIL_READERS - 5}
     finish_against_a_good_server(project, feed_server, box, port, faulty, duplicates=0)
-    if times is None:
-        assert_issue_summary(first, sent=5, pending=MAIL_READERS - 5)
+    assert_issue_summary(first, sent=5, pending=MAIL_READERS - 5)
 
 
 def test_452_for_some_recipients_defers_only_them_and_the_next_run_sends_only_them(
@@ -523,7 +541,7 @@ def test_ten_sigkills_at_random_points_lose_nobody_and_duplicate_at_most_one_eac
         assert_ledger_not_ahead_of_the_wire(db, Counter(box.by_recipient()))
 
     box.data_delay = 0  # slow only so that each kill lands mid-send; the last run need not be
-    final, _ = cli(project, "send-digest", SCHEDULE)
+    final, _ = cli_here(project, "send-digest", SCHEDULE)
     assert_clean_exit(final, 0)
     assert f"sent {KILL_READERS}, pending 0, failed 0" in final.stdout, output(final)
     counts = box.by_recipient()
@@ -535,7 +553,7 @@ def test_ten_sigkills_at_random_points_lose_nobody_and_duplicate_at_most_one_eac
     assert {str(m["Subject"]) for m in box.parsed()} == {"Test Weekly #1: Post 2"}
     assert issues(db) == [(1, "complete")]
     assert set(ledger(db).values()) == {"sent"}
-    again, _ = cli(project, "send-digest", SCHEDULE)
+    again, _ = cli_here(project, "send-digest", SCHEDULE)
     assert_clean_exit(again, 0)
     assert "nothing new" in again.stdout and sum(box.by_recipient().values()) == sum(counts.values())
 
@@ -689,6 +707,11 @@ HOSTILE_FEEDS = {
 }
 
 
+# Hostile content only: nothing here can hang a run or exhaust its memory if the defences fail,
+# so these run in this process; the rest are fetched by a real `newsletter` process.
+CONTENT_ONLY = {"truncated-xml", "wrong-declared-encoding", "unknown-encoding"}
+
+
 def eml_texts(outbox: Path) -> dict[str, tuple[bytes, EmailMessage]]:
     found = {}
     for path in sorted(outbox.rglob("*.eml")):
@@ -721,7 +744,7 @@ def test_hostile_feed_does_not_crash_hang_or_leak_into_the_digest(
         fetch=f"timeout: {FETCH_TIMEOUT}\nmax_bytes: 10000000",
         subscribers=["ann@example.com,Ann", "bob@example.com,Bob", "cy@example.com,Cy"],
     )
-    done, took = cli(project, "send-digest", SCHEDULE)
+    done, took = (cli_here if case in CONTENT_ONLY else cli)(project, "send-digest", SCHEDULE)
     assert took < FETCH_TIMEOUT + 10, f"{case}: the run took {took:.1f} s"
     # A bad feed is reported, not fatal: the good feed's digest goes out.
     assert_clean_exit(done, 0)
@@ -851,7 +874,7 @@ def test_hostile_entries_reach_no_header_and_no_unsafe_html(
         fetch=f"timeout: {FETCH_TIMEOUT}",
         subscribers=["ann@example.com,Ann", "bob@example.com,Bob"],
     )
-    done, took = cli(project, "send-digest", SCHEDULE)
+    done, took = cli_here(project, "send-digest", SCHEDULE)
     assert took < FETCH_TIMEOUT + 10
     assert_clean_exit(done, 0)
     messages = eml_texts(project.root / "outbox")
@@ -896,7 +919,7 @@ def test_javascript_links_from_a_feed_are_never_links_in_the_digest(
         fetch=f"timeout: {FETCH_TIMEOUT}",
         subscribers=["ann@example.com,Ann"],
     )
-    done, _ = cli(project, "send-digest", SCHEDULE)
+    done, _ = cli_here(project, "send-digest", SCHEDULE)
     assert_clean_exit(done, 0)
     [(_, msg)] = eml_texts(project.root / "outbox").values()
     text, markup = parts(msg)
@@ -1002,7 +1025,7 @@ def test_full_disk_is_a_clear_error_records_nothing_false_and_the_next_run_finis
         subscribers=everyone,
     )
     db = small_disk / "state.db"
-    fetched, _ = cli(project, "fetch")  # the state exists and holds the entries: a working install
+    fetched, _ = cli_here(project, "fetch")  # the state exists and holds the entries: a working install
     assert_clean_exit(fetched, 0)
 
     if when == "fills-mid-send":
@@ -1033,7 +1056,7 @@ def test_full_disk_is_a_clear_error_records_nothing_false_and_the_next_run_finis
         assert box.messages == [] and issues(db) == [], f"{issues(db)}, {len(box.messages)} sent"
 
     box.data_delay = 0  # slow only so that the disk fills mid-send; the next run need not be
-    second, _ = cli(project, "send-digest", SCHEDULE)
+    second, _ = cli_here(project, "send-digest", SCHEDULE)
     assert_clean_exit(second, 0)
     assert f"sent {DB_READERS}, pending 0, failed 0" in second.stdout, output(second)
     counts = box.by_recipient()
@@ -1110,7 +1133,7 @@ def test_database_locked_before_the_run_is_a_clear_error_and_the_next_run_sends_
         busy_timeout=STORE_LOCK_WAIT,
     )
     db = project.root / "state.db"
-    assert_clean_exit(cli(project, "fetch")[0], 0)
+    assert_clean_exit(cli_here(project, "fetch")[0], 0)
     locker = DatabaseLocker(db)
     lockers.append(locker)
     locker.lock()
@@ -1119,7 +1142,7 @@ def test_database_locked_before_the_run_is_a_clear_error_and_the_next_run_sends_
     assert_database_error(first, db, "locked")
     assert box.messages == [] and issues(db) == []
     locker.release()
-    second, _ = cli(project, "send-digest", SCHEDULE)
+    second, _ = cli_here(project, "send-digest", SCHEDULE)
     assert_clean_exit(second, 0)
     assert box.by_recipient() == dict.fromkeys(everyone, 1)
     assert issues(db) == [(1, "complete")]
@@ -1143,7 +1166,7 @@ def test_database_locked_mid_send_is_a_clear_error_and_the_next_run_finishes(
         busy_timeout=STORE_LOCK_WAIT,
     )
     db = project.root / "state.db"
-    assert_clean_exit(cli(project, "fetch")[0], 0)
+    assert_clean_exit(cli_here(project, "fetch")[0], 0)
     locker = DatabaseLocker(db)
     lockers.append(locker)
     proc = start(project, "send-digest", SCHEDULE)
@@ -1168,7 +1191,7 @@ def test_database_locked_mid_send_is_a_clear_error_and_the_next_run_finishes(
     assert issues(db) == [(1, "sending")]
 
     box.data_delay = 0  # slow only so that the lock lands mid-send; the next run need not be
-    second, _ = cli(project, "send-digest", SCHEDULE)
+    second, _ = cli_here(project, "send-digest", SCHEDULE)
     assert_clean_exit(second, 0)
     assert f"sent {DB_READERS}, pending 0, failed 0" in second.stdout, output(second)
     counts = box.by_recipient()

@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,21 +149,36 @@ def fetch(state: State, schedule: str | None) -> None:
     click.echo(f"{len(reports)} feed(s), {new} new entries, {errors} error(s)")
 
 
+EX_TEMPFAIL = 75  # sysexits.h: "try again later", what a paused send is
+
+
 @contextmanager
 def _progress() -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
     """A progress bar per issue on a terminal; nothing at all in logs."""
     bars: list[Any] = []
+    started = [0.0]
 
     def on_issue(total: int) -> None:
         if bars:
             bars.pop().__exit__(None, None, None)
         if total and sys.stderr.isatty():
-            bar = click.progressbar(length=total, label="sending", file=sys.stderr)
+            started[0] = time.monotonic()
+            bar = click.progressbar(
+                length=total,
+                label="sending",
+                file=sys.stderr,
+                show_eta=True,
+                show_pos=True,
+                item_show_func=lambda rate: rate,
+            )
             bars.append(bar.__enter__())
 
     def progress(n: int) -> None:
         if bars:
-            bars[0].update(n)
+            bar = bars[0]
+            took = time.monotonic() - started[0]
+            rate = f"{(bar.pos + n) / took:.0f} msg/s" if took > 0 else None
+            bar.update(n, rate)
 
     try:
         yield on_issue, progress
@@ -228,6 +244,10 @@ def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, forc
         click.echo(f"dry run: messages written to {report.outbox}; no state changed")
     if report.aborted:
         click.echo(f"error: {_safe(report.aborted)}", err=True)
+    if report.paused and not report.aborted:
+        # Not a failure: the rest goes when the window opens or the quota allows.
+        click.echo(f"paused: {_safe(report.paused)}; run again then (the daemon does it by itself)")
+        sys.exit(EX_TEMPFAIL)
     sys.exit(0 if report.ok else 1)
 
 
@@ -243,6 +263,14 @@ def status(state: State, schedule: str | None) -> None:
             click.echo(f"{name}: {s.subscribers} subscriber(s), {s.waiting} new entries waiting")
             when = f"{s.next_run:%Y-%m-%d %H:%M %Z}" if s.next_run else "by hand (no when:)"
             click.echo(f"  next run: {when}; deliveries waiting for a retry: {s.retries}")
+            if s.paused:
+                click.echo(f"  paused: {_safe(s.paused)}")
+            if s.retries:
+                rate = f"{s.rate:.1f} msg/s over the last minute" if s.rate else "not sending now"
+                finish = f"; expected to finish {s.finish:%Y-%m-%d %H:%M %Z}" if s.finish else ""
+                click.echo(f"  sending: {rate}{finish}")
+                more = ", ..." if s.retries > len(s.still_pending) else ""
+                click.echo(f"  still pending: {_safe(', '.join(s.still_pending))}{more}")
             if not s.issues:
                 click.echo("  no issues yet")
             for issue, counts in s.issues:

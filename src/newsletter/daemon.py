@@ -164,6 +164,9 @@ class Daemon:
             log.info("nothing new", extra={"event": "digest", "schedule": name})
         if report.aborted:
             log.error(report.aborted, extra={"event": "aborted", "schedule": name})
+        elif report.paused:
+            # The retry job picks it up again once the window opens or the quota allows.
+            log.info(report.paused, extra={"event": "paused", "schedule": name})
 
     def post(self, name: str) -> None:
         if self.stop.is_set():

@@ -9,18 +9,29 @@ of the run is decided here, once:
 - ``PermanentFailure``: failed. ``TargetGone`` (410): pending, and the run ends; the caller
   disables the target.
 - ``DeliveryError``: the sender cannot go on; this item and the rest stay pending.
+
+A sender with lanes (the SMTP sender's connections) gets the messages through a ``Feed``: this
+thread prepares them and writes every outcome, the lanes' threads talk to the server. Outcomes
+that arrive together are written in one transaction, and a lane sends its next end of data
+only once its last outcome is on disk, so grouping the writes does not loosen the bound: a
+process killed at any moment resends at most one message per connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from .errors import DeliveryError, PermanentFailure, TargetGone, TargetUnavailable, TemporaryFailure
 from .redact import redact
+from .senders import Job, Outgoing, Sender
 
 T = TypeVar("T")
 
@@ -49,6 +60,7 @@ class Attempt:
     send: Callable[[], str | None]  # returns where it landed, if the sender says
     attempts: int  # how many times it was tried before
     label: str  # how errors name it: the recipient, or the post's title
+    message: Outgoing | None = None  # for a sender with lanes: what ``send`` would send
 
 
 @dataclass
@@ -60,6 +72,7 @@ class Run:
     aborted: str = ""  # DeliveryError: why the sender could not go on
     gone: str = ""  # TargetGone: the target's answer
     unavailable: str = ""  # TargetUnavailable: why the rest waits for a later run
+    paused: str = ""  # a quota or a send window: why the rest waits, and until when
 
 
 def deliver(
@@ -71,6 +84,7 @@ def deliver(
     stop: threading.Event | None = None,
     said: Callable[[str], str] = redact,
     progress: Callable[[int], None] | None = None,
+    hold: Callable[[], str] | None = None,
 ) -> Run:
     """Try every item in turn, recording each outcome the moment it is known.
 
@@ -79,11 +93,15 @@ def deliver(
     writes the ledger. ``said`` turns every error into the text that is recorded and reported;
     by default it is redacted, since a server's reply or a target's URL may quote a password or
     a token. ``stop`` ends the loop between
-    two items; ``progress`` is told of every answered item.
+    two items, and so does a reason ``hold`` returns (a send window closing: ``Run.paused``);
+    ``progress`` is told of every answered item.
     """
     run = Run()
     for item in items:
         if stop is not None and stop.is_set():
+            break
+        if hold is not None and (paused := hold()):
+            run.paused = paused
             break
         try:
             attempt = prepare(item)
@@ -96,26 +114,245 @@ def deliver(
             continue
         try:
             where = attempt.send() or ""
-        except DeliveryError as exc:
-            run.aborted = said(exc.with_hint())
-            break
-        except TargetGone as exc:
-            record(item, Outcome.PENDING, said(str(exc)), "")
-            run.gone = said(str(exc))
-            break
-        except TemporaryFailure as exc:
-            give_up = attempt.attempts + 1 >= max_attempts
-            record(item, Outcome.FAILED if give_up else Outcome.PENDING, said(str(exc)), "")
-            run.errors.append((attempt.label, said(str(exc))))
-            if isinstance(exc, TargetUnavailable):
-                run.unavailable = said(str(exc))
-                break
-        except PermanentFailure as exc:
-            record(item, Outcome.FAILED, said(str(exc)), "")
-            run.errors.append((attempt.label, said(str(exc))))
+        except Exception as exc:
+            if not _judge(run, item, attempt, exc, record, max_attempts, said):
+                raise
         else:
             record(item, Outcome.SENT, "", where)
             run.sent += 1
+        if run.aborted or run.gone or run.unavailable:
+            break
         if progress:
             progress(1)
     return run
+
+
+def _judge(
+    run: Run,
+    item: T,
+    attempt: Attempt,
+    exc: Exception,
+    record: Callable[[T, Outcome, str, str], None],
+    max_attempts: int,
+    said: Callable[[str], str],
+) -> bool:
+    """Record what a sender's exception means; False for one that is not a sender's verdict."""
+    if isinstance(exc, DeliveryError):
+        run.aborted = said(exc.with_hint())
+    elif isinstance(exc, TargetGone):
+        record(item, Outcome.PENDING, said(str(exc)), "")
+        run.gone = said(str(exc))
+    elif isinstance(exc, TemporaryFailure):
+        give_up = attempt.attempts + 1 >= max_attempts
+        record(item, Outcome.FAILED if give_up else Outcome.PENDING, said(str(exc)), "")
+        run.errors.append((attempt.label, said(str(exc))))
+        if isinstance(exc, TargetUnavailable):
+            run.unavailable = said(str(exc))
+    elif isinstance(exc, PermanentFailure):
+        record(item, Outcome.FAILED, said(str(exc)), "")
+        run.errors.append((attempt.label, said(str(exc))))
+    else:
+        return False
+    return True
+
+
+@dataclass(eq=False)
+class _Ref(Generic[T]):
+    item: T
+    attempt: Attempt
+    on_disk: threading.Event = field(default_factory=threading.Event)
+
+
+class _Feed:
+    """The queue between this thread and the lanes (see ``senders.Feed``)."""
+
+    def __init__(self, stop: threading.Event | None) -> None:
+        self.cv = threading.Condition()
+        self.work: deque[Job] = deque()
+        self.closed = False  # nothing more will come; the lanes finish what is queued
+        self.broken = False  # the loop itself failed: no lane may send another end of data
+        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.stop = stop or threading.Event()
+        self.out: set[_Ref[Any]] = set()  # handed out, outcome not on disk yet
+
+    def put(self, jobs: Iterable[Job]) -> None:
+        with self.cv:
+            self.work.extend(jobs)
+            self.cv.notify_all()
+
+    def finish(self, drop: bool = False) -> None:
+        """Nothing more comes; with ``drop``, what nobody has taken yet stays pending."""
+        with self.cv:
+            self.closed = True
+            for job in self.work if drop else ():
+                self.out.discard(job.ref)  # type: ignore[arg-type]
+            if drop:
+                self.work.clear()
+            self.cv.notify_all()
+
+    def take(self, wait: bool) -> Job | None:
+        with self.cv:
+            while not self.work:
+                if self.closed or not wait:
+                    return None
+                self.cv.wait()
+            return self.work.popleft()
+
+    def done(self, job: Job, error: Exception | None) -> None:
+        self.events.put(("done", (job, error)))
+
+    def recorded(self, job: Job) -> None:
+        ref = job.ref
+        assert isinstance(ref, _Ref)
+        ref.on_disk.wait()
+        if self.broken:
+            raise DeliveryError("the delivery loop stopped before this outcome was written")
+
+    def give_back(self, jobs: list[Job]) -> None:
+        self.events.put(("back", jobs))
+
+    def ended(self, error: BaseException | None) -> None:
+        self.events.put(("ended", error))
+
+    def gather(self) -> list[tuple[str, Any]]:
+        """Whatever the lanes said: at least one event, and all that came with it."""
+        events = [self.events.get()]
+        with contextlib.suppress(queue.Empty):
+            while len(events) < 500:
+                events.append(self.events.get_nowait())
+        return events
+
+    def fail(self) -> None:
+        """Release every lane waiting for a record that will not come; none sends again."""
+        self.broken = True
+        self.finish(drop=True)
+        for ref in list(self.out):
+            ref.on_disk.set()
+
+
+def deliver_lanes(
+    items: Iterable[T],
+    prepare: Callable[[T], Attempt | None],
+    record: Callable[[T, Outcome, str, str], None],
+    sender: Sender,
+    *,
+    max_attempts: int,
+    stop: threading.Event | None = None,
+    said: Callable[[str], str] = redact,
+    progress: Callable[[int], None] | None = None,
+    hold: Callable[[], str] | None = None,
+    batch: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+) -> Run:
+    """``deliver`` for a sender with lanes: its ``lane`` runs in that many threads, all fed
+    from here. ``batch`` opens the transaction that outcomes arriving together share; ``hold``
+    returns why sending must pause (a send window closing), checked before each message."""
+    run = Run()
+    feed = _Feed(stop)
+    threads = [
+        threading.Thread(target=sender.lane, args=(i, feed), name=f"{sender.name}-{i}", daemon=True)
+        for i in range(sender.lanes())
+    ]
+    for thread in threads:
+        thread.start()
+    alive = len(threads)
+    todo: Iterator[T] = iter(items)
+    exhausted = False
+    failure: BaseException | None = None  # not a sender's verdict: raised once the lanes stop
+    last_error: DeliveryError | None = None
+    try:
+        while alive:
+            if not feed.closed:
+                exhausted = _fill(feed, todo, prepare, record, run, 2 * alive, stop, hold)
+                if exhausted or run.paused or (stop is not None and stop.is_set()):
+                    feed.finish(drop=not exhausted)
+            answered: list[_Ref[T]] = []
+            with batch():
+                for kind, value in feed.gather():
+                    if kind == "done":
+                        job, error = value
+                        ref = job.ref
+                        if error is None:
+                            record(ref.item, Outcome.SENT, "", "")
+                            run.sent += 1
+                        elif not _judge(run, ref.item, ref.attempt, error, record, max_attempts, said):
+                            failure = error
+                        answered.append(ref)
+                    elif kind == "back":
+                        # Taken, never answered: another lane sends them, or they stay pending.
+                        if feed.closed and not exhausted:
+                            feed.out.difference_update(j.ref for j in value)
+                        else:
+                            feed.put(value)
+                    else:
+                        alive -= 1
+                        if isinstance(value, DeliveryError):
+                            last_error = value
+                            if not getattr(value, "others_go_on", False):
+                                feed.finish(drop=True)  # the server is gone: nobody goes on
+                        elif value is not None:
+                            if hasattr(value, "until"):
+                                run.paused = str(value)  # a quota: the rest waits
+                            else:
+                                failure = value
+                            feed.finish(drop=True)
+                    if failure is not None:
+                        feed.finish(drop=True)
+            for ref in answered:
+                feed.out.discard(ref)
+                ref.on_disk.set()
+            if progress and answered:
+                progress(len(answered))
+    except BaseException:
+        feed.fail()
+        raise
+    finally:
+        feed.finish(drop=True)
+        for thread in threads:
+            thread.join()
+    if failure is not None:
+        raise failure
+    unfinished = feed.out or not exhausted
+    if last_error is not None and unfinished and not run.paused:
+        run.aborted = said(last_error.with_hint())
+    return run
+
+
+def _fill(
+    feed: _Feed,
+    todo: Iterator[T],
+    prepare: Callable[[T], Attempt | None],
+    record: Callable[[T, Outcome, str, str], None],
+    run: Run,
+    capacity: int,
+    stop: threading.Event | None,
+    hold: Callable[[], str] | None,
+) -> bool:
+    """Hand out messages until ``capacity`` are out; True when there are no more."""
+    jobs: list[Job] = []
+    while len(feed.out) < capacity:
+        if stop is not None and stop.is_set():
+            break
+        if hold is not None and (paused := hold()):
+            run.paused = paused
+            break
+        item = next(todo, _END)
+        if item is _END:
+            feed.put(jobs)
+            return True
+        try:
+            attempt = prepare(item)  # type: ignore[arg-type]
+        except Unsendable as exc:
+            record(item, Outcome.FAILED, str(exc), "")  # type: ignore[arg-type]
+            run.errors.append((exc.label, str(exc)))
+            continue
+        if attempt is None:
+            continue
+        assert attempt.message is not None, "a sender with lanes needs Attempt.message"
+        ref = _Ref(item, attempt)
+        feed.out.add(ref)
+        jobs.append(Job(attempt.message, ref))
+    feed.put(jobs)
+    return False
+
+
+_END: Any = object()

@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from .build import IssueBuilder
 from .config import FetchSettings
 from .context import RunContext
-from .deliver import Attempt, Outcome, Unsendable, deliver
+from .deliver import Attempt, Outcome, Unsendable, deliver, deliver_lanes
 from .errors import ConfigError, DeliveryError, PermanentFailure, StoreError, TemporaryFailure
 from .feeds import fetch_all, first_fetch_history
 from .locks import ScheduleLock
@@ -31,6 +31,7 @@ from .model import (
     Issue,
     Pending,
     Subscriber,
+    now,
 )
 from .redact import redact
 from .sanitize import one_line
@@ -39,6 +40,7 @@ from .senders import Outgoing, Sender
 from .senders.file import FileOptions, FileSender
 from .storage import Storage
 from .subscribers import SubscriberList, sync
+from .timing import WindowHold, expected_finish, note_pause, pause_note
 
 if TYPE_CHECKING:
     from .social import PostReport
@@ -68,6 +70,7 @@ class IssueReport:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (recipient, server reply)
     complete: bool = False
     stopped: str = ""  # why the send of this issue stopped part-way
+    paused: str = ""  # a send window or a quota: why the rest waits, and until when
 
 
 @dataclass
@@ -77,6 +80,7 @@ class DigestReport:
     issues: list[IssueReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     aborted: str = ""  # the sender could not go on; everything undelivered stays pending
+    paused: str = ""  # a send window or a quota stopped the send; it goes on by itself later
     outbox: str = ""  # where a dry run put its messages
     posts: list[PostReport] = field(default_factory=list)  # issue announcements
 
@@ -181,22 +185,53 @@ class _Send:
             except ValueError as exc:  # a value that cannot go into a header, say
                 raise Unsendable(sub.email, f"cannot build the message: {exc}") from None
             out = Outgoing(skeleton.envelope_from, sub.email, message_id, data, label)
-            return Attempt(lambda: sender.send(out), item.attempts, sub.email)
+            return Attempt(lambda: sender.send(out), item.attempts, sub.email, out)
+
+        sent_now = [0]
 
         def record(item: Pending, outcome: Outcome, error: str, where: str) -> None:
             store.record_delivery(issue.id, item.recipient, DeliveryStatus(outcome), error)
+            if outcome == Outcome.SENT:
+                sent_now[0] += 1
 
-        run = deliver(
-            self.pending(issue),
-            prepare,
-            record,
-            max_attempts=b.schedule.max_attempts,
-            stop=self.ctx.stop,
-            progress=self.progress,
-        )
+        @contextlib.contextmanager
+        def batch() -> Iterator[None]:
+            # The day's count (a quota's) is written with the ledger rows it counts.
+            with store.transaction():
+                yield
+                if sent_now[0]:
+                    store.count_sent(sender.name, self.ctx.clock(), sent_now[0])
+                    sent_now[0] = 0
+
+        hold = WindowHold(b.schedule.window(self.ctx.config.settings.timezone), self.ctx.clock)
+        if sender.lanes():
+            run = deliver_lanes(
+                self.pending(issue),
+                prepare,
+                record,
+                sender,
+                max_attempts=b.schedule.max_attempts,
+                stop=self.ctx.stop,
+                progress=self.progress,
+                hold=hold,
+                batch=batch,
+            )
+        else:
+            run = deliver(
+                self.pending(issue),
+                prepare,
+                record,
+                max_attempts=b.schedule.max_attempts,
+                stop=self.ctx.stop,
+                progress=self.progress,
+                hold=hold,
+            )
+            if sent_now[0]:
+                store.count_sent(sender.name, self.ctx.clock(), sent_now[0])
         report.errors += run.errors
+        report.paused = run.paused
         # The sender cannot go on: this message and the rest stay pending.
-        report.stopped = run.aborted or run.gone or run.unavailable
+        report.stopped = run.aborted or run.gone or run.unavailable or run.paused
         report.complete = store.finish_issue_if_done(issue.id)
         counts = store.delivery_counts(issue.id)
         report.sent, report.failed = counts.sent, counts.failed
@@ -287,6 +322,9 @@ def _deliver_all(
         return
     # The sender is opened only when there is something to send: "nothing new" needs no
     # mail server, and a server that is down leaves the built issue pending for the next run.
+    # A day quota counts what this sender sent in the last 24 h, this run's own included.
+    clock = send.ctx.clock
+    sender.remember(store.sent_since(sender.name, clock() - timedelta(hours=25)), clock)
     try:
         with sender:
             for issue, pending in work:
@@ -294,6 +332,9 @@ def _deliver_all(
                     on_issue(pending)
                 item = send.deliver(issue, sender)
                 report.issues.append(item)
+                if item.paused:
+                    report.paused = item.paused
+                    break
                 if item.stopped:
                     report.aborted = item.stopped
                     break
@@ -302,6 +343,7 @@ def _deliver_all(
                     break
     except DeliveryError as exc:
         report.aborted = exc.with_hint()
+    note_pause(store, send.builder.name, report.paused)
 
 
 def _preview(send: _Send, report: DigestReport, force: bool, to: str | None) -> None:
@@ -396,6 +438,13 @@ class ScheduleStatus:
     feeds: list[FeedRow]
     next_run: datetime | None  # None: sent by hand only (no ``when:``)
     retries: int  # deliveries a server deferred, waiting for the next run
+    paused: str = ""  # why the last send stopped with messages pending: a window, a quota
+    rate: float = 0.0  # messages a second over the last minute, while a send runs
+    still_pending: list[str] = field(default_factory=list)  # a few of those still to get it
+    finish: datetime | None = None  # when the pending ones should be out, at that rate
+
+
+RATE_SPAN = timedelta(minutes=1)
 
 
 def schedule_status(ctx: RunContext, name: str, last: int = 5) -> ScheduleStatus:
@@ -403,13 +452,36 @@ def schedule_status(ctx: RunContext, name: str, last: int = 5) -> ScheduleStatus
     b = IssueBuilder(ctx, name)
     trigger = config.trigger(name)
     tz = zone(b.schedule.timezone or config.settings.timezone)
-    next_run = trigger.get_next_fire_time(None, ctx.clock()) if trigger else None
-    return ScheduleStatus(
+    at = ctx.clock()
+    next_run = trigger.get_next_fire_time(None, at) if trigger else None
+    unfinished = store.unfinished_issues(name)
+    pending = sum(store.delivery_counts(i.id).pending for i in unfinished)
+    status = ScheduleStatus(
         name,
         store.subscriber_counts(b.list_name)[0],
         len(b.waiting()),
         [(i, store.delivery_counts(i.id)) for i in store.issues(name, last)],
         store.feeds(b.feed_urls),
         next_run.astimezone(tz) if next_run else None,
-        sum(store.delivery_counts(i.id).pending for i in store.unfinished_issues(name)),
+        pending,
+        pause_note(store, name),
     )
+    if unfinished:
+        status.rate = sum(store.recent_sends(i.id, now() - RATE_SPAN) for i in unfinished) / RATE_SPAN.seconds
+        status.still_pending = [p.recipient for p in store.pending(unfinished[0].id, b.list_name, limit=5)]
+        opts = config.senders[b.schedule.sender].options
+        rates = getattr(opts, "rate_limit", None)
+        per_day = getattr(rates, "per_day", None)
+        used = sum(n for _, n in store.sent_since(b.schedule.sender, at - timedelta(hours=24)))
+        # At the rate seen now; with none (no send running), at the quota's own pace.
+        rate = status.rate or getattr(rates, "per_second", None)
+        finish = expected_finish(
+            at,
+            pending,
+            rate,
+            window=b.schedule.window(config.settings.timezone),
+            per_day=per_day,
+            sent_today=used,
+        )
+        status.finish = finish.astimezone(tz) if finish else None
+    return status

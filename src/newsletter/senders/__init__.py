@@ -18,12 +18,15 @@ for good (HTTP 410), and :class:`DeliveryError` when the sender cannot go on at 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -65,6 +68,37 @@ class Post:
     articles: tuple[tuple[str, str], ...] = ()  # (title, link) of an issue's articles
 
 
+@dataclass(eq=False)
+class Job:
+    """One message handed to a sender that sends many at once (see ``Sender.lanes``)."""
+
+    message: Outgoing
+    ref: object = None  # the delivery loop's own: which ledger row this is
+
+
+class Feed(Protocol):
+    """What the delivery loop offers the lanes of a sender; every method is thread-safe."""
+
+    stop: threading.Event  # set when the run is stopped (SIGTERM): wait on it, not in sleep()
+
+    def take(self, wait: bool) -> Job | None:
+        """The next message; None when there is no more (or none right now, with wait=False)."""
+
+    def done(self, job: Job, error: Exception | None) -> None:
+        """The server's answer: None (accepted), TemporaryFailure or PermanentFailure.
+        Returns at once; the outcome is written down in the loop's own thread."""
+
+    def recorded(self, job: Job) -> None:
+        """Wait until ``job``'s outcome is on disk: before the next end of data goes out, so
+        that a killed process has at most one message per connection of unknown fate."""
+
+    def give_back(self, jobs: list[Job]) -> None:
+        """Messages taken but not answered (a lane that ends): still pending."""
+
+    def ended(self, error: BaseException | None) -> None:
+        """The lane is done: with None when the feed ran dry, else why it stopped."""
+
+
 class Sender:
     Options: ClassVar[type[SenderOptions]] = SenderOptions
     mails: ClassVar[bool] = True  # can deliver email messages (send)
@@ -100,6 +134,23 @@ class Sender:
 
     def close(self) -> None:
         """Called once after a batch, also after errors."""
+
+    def remember(self, history: list[tuple[datetime, int]], wall: Callable[[], datetime]) -> None:
+        """What this sender sent in the last day, hour by hour (the store's count), and the
+        clock to count on: for a sender with a day quota. Called before ``open``."""
+
+    def lanes(self) -> int:
+        """How many messages this sender can have on the way at once (its connections).
+
+        0 (the default): the delivery loop calls ``send`` for one message after another. A
+        sender that returns N gets ``lane`` called in N threads after ``open``.
+        """
+        return 0
+
+    def lane(self, index: int, feed: Feed) -> None:
+        """Send messages taken from ``feed`` until it has none left; report each with
+        ``feed.done``. Runs in a thread of its own; ``index`` 0 may use what ``open`` opened."""
+        raise NotImplementedError
 
     def __enter__(self) -> Sender:
         self.open()

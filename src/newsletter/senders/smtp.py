@@ -1,18 +1,30 @@
-"""The ``smtp`` sender: one connection for many messages, STARTTLS or implicit TLS, AUTH."""
+"""The ``smtp`` sender: ``connections`` of them at once, each pipelined, STARTTLS or implicit
+TLS and AUTH on every one; paced to the provider's quota.
+
+A digest run goes through ``lane`` (one per connection, see ``smtpwire``); ``send`` is the
+one-message path of a test send and of callers that send by hand.
+"""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import smtplib
+import socket
 import ssl
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from pydantic import Field, model_validator
 
-from ..errors import DeliveryError, PermanentFailure, TemporaryFailure
+from ..errors import DeliveryError, TemporaryFailure
+from ..quota import Pacer, RateLimit
 from ..redact import remember
-from . import Outgoing, Sender, SenderOptions
-from .throttle import Throttle
+from . import Feed, Outgoing, Sender, SenderOptions
+from .smtpwire import Lane, Pacing, refusal, reply_text
 
 
 def is_loopback(host: str) -> bool:
@@ -25,6 +37,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@functools.cache
+def _fqdn() -> str:
+    # smtplib looks the name up for every connection it opens (a DNS query each): once here.
+    return socket.getfqdn()
 
 
 def _plain_text_login(host: str = "") -> str:
@@ -44,7 +62,18 @@ class SmtpOptions(SenderOptions):
     username: str | None = None
     password_env: str | None = Field(None, description="name of the variable holding the password")
     timeout: float = Field(30.0, gt=0)
-    rate_limit: float | None = Field(None, gt=0, description="messages per second at most")
+    rate_limit: RateLimit = Field(
+        None, description="per second (a number), or {per_second, per_minute, per_hour, per_day}"
+    )
+    connections: int = Field(10, ge=1, le=100, description="connections at once (each pipelined)")
+    max_messages_per_connection: int | None = Field(
+        None, ge=1, description="reconnect after this many (SES advises it; some relays allow 50)"
+    )
+    pipelining: bool = Field(True, description="pipeline (RFC 2920) when the server offers it")
+    backoff_max: float = Field(60.0, gt=0, description="longest pause a throttling reply causes, s")
+    patience: float = Field(
+        300.0, gt=0, description="how long a run goes on through throttling before it stops, s"
+    )
     local_hostname: str | None = None
     ca_file: str | None = Field(None, description="CA bundle for a server with a private certificate")
 
@@ -60,15 +89,38 @@ class SmtpOptions(SenderOptions):
         return self
 
 
-def _reply(code: int, text: bytes | str) -> str:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return f"{code} {text}".strip()
+_reply = reply_text
+_refusal = refusal
 
 
-def _refusal(code: int, text: bytes | str) -> Exception:
-    reply = _reply(code, text)
-    return TemporaryFailure(reply) if 400 <= code < 500 else PermanentFailure(reply)
+class _Pace(Pacing):
+    """The sender's quotas (``quota.Pacer``) as its lanes use them, and its patience."""
+
+    def __init__(self, pacer: Pacer, patience: float) -> None:
+        self.pacer = pacer
+        self.patience = patience
+        self.since: float | None = None  # throttled, with no message accepted since
+
+    def acquire(self, stop: threading.Event) -> bool:
+        return self.pacer.acquire(stop)
+
+    def release(self, n: int = 1) -> None:
+        if n:
+            self.pacer.release(n)
+
+    def throttled(self) -> float:
+        if self.since is None:
+            self.since = time.monotonic()
+        return self.pacer.throttled()
+
+    def ok(self) -> None:
+        self.since = None
+        self.pacer.sent()
+        self.pacer.ok()
+
+    def exhausted(self) -> bool:
+        since = self.since
+        return since is not None and time.monotonic() - since > self.patience
 
 
 class SmtpSender(Sender):
@@ -78,7 +130,14 @@ class SmtpSender(Sender):
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self._conn: smtplib.SMTP | None = None
-        self._throttle = Throttle(self.options.rate_limit)
+        self._context: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+        self.remember([], lambda: datetime.now(UTC))
+
+    def remember(self, history: list[tuple[datetime, int]], wall: Callable[[], datetime]) -> None:
+        opts = self.options
+        self.pacer = Pacer(opts.rate_limit, history=history, max_hold=opts.backoff_max, wall=wall)
+        self.pace = _Pace(self.pacer, opts.patience)
 
     @property
     def port(self) -> int:
@@ -86,8 +145,7 @@ class SmtpSender(Sender):
 
     def _connect(self) -> smtplib.SMTP:
         opts = self.options
-        ca_file = str(self.base_dir / opts.ca_file) if opts.ca_file else None
-        context = ssl.create_default_context(cafile=ca_file)
+        context = self._tls()
         where = f"{opts.host}:{self.port}"
         if opts.username and not (opts.ssl or opts.starttls) and not is_loopback(opts.host):
             # Options built without validation (model_construct, a plugin) meet the same rule,
@@ -103,11 +161,11 @@ class SmtpSender(Sender):
                     self.port,
                     timeout=opts.timeout,
                     context=context,
-                    local_hostname=opts.local_hostname,
+                    local_hostname=opts.local_hostname or _fqdn(),
                 )
             else:
                 conn = smtplib.SMTP(
-                    opts.host, self.port, timeout=opts.timeout, local_hostname=opts.local_hostname
+                    opts.host, self.port, timeout=opts.timeout, local_hostname=opts.local_hostname or _fqdn()
                 )
                 if opts.starttls:
                     conn.starttls(context=context)
@@ -120,6 +178,9 @@ class SmtpSender(Sender):
                         hint=f"export {opts.password_env}=... with the SMTP password",
                     )
                 conn.login(opts.username, password)
+            conn.ehlo_or_helo_if_needed()  # what it offers (PIPELINING, SIZE) is read here
+            if not opts.pipelining:
+                conn.esmtp_features.pop("pipelining", None)
         except smtplib.SMTPAuthenticationError as exc:
             raise DeliveryError(
                 f"sender {self.name!r}: {where} refused the login: {_reply(exc.smtp_code, exc.smtp_error)}",
@@ -137,8 +198,36 @@ class SmtpSender(Sender):
             ) from None
         return conn
 
+    def _tls(self) -> ssl.SSLContext | None:
+        """One TLS context for all connections: loading the CA bundle takes ~60 ms."""
+        opts = self.options
+        if not (opts.ssl or opts.starttls):
+            return None
+        with self._lock:
+            if self._context is None:
+                ca_file = str(self.base_dir / opts.ca_file) if opts.ca_file else None
+                self._context = ssl.create_default_context(cafile=ca_file)
+            return self._context
+
     def open(self) -> None:
+        # One connection first: a wrong password or a closed port is one error, not ten.
         self._conn = self._connect()
+
+    def lanes(self) -> int:
+        return self.options.connections
+
+    def lane(self, index: int, feed: Feed) -> None:
+        conn = None
+        if index == 0:
+            conn, self._conn = self._conn, None
+        Lane(
+            feed,
+            self._connect,
+            self.pace,
+            name=f"{self.name!r} ({self.options.host}:{self.port})",
+            per_connection=self.options.max_messages_per_connection,
+            conn=conn,
+        ).run()
 
     def close(self) -> None:
         if self._conn is not None:
@@ -149,7 +238,9 @@ class SmtpSender(Sender):
             self._conn = None
 
     def send(self, message: Outgoing) -> None:
-        self._throttle.wait()
+        if not self.pacer.acquire():
+            raise DeliveryError(f"sender {self.name!r}: stopped")
+        self.pacer.sent()  # a test send counts against the quota whatever the server says
         for attempt in (1, 2):
             if self._conn is None:
                 self._conn = self._connect()

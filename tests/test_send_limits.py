@@ -1,0 +1,100 @@
+"""A send held to a provider's day quota and to a schedule's send window, on an injected clock.
+
+The public path in-process (``send_digest`` on a ``RunContext`` with a clock of the test's
+own), real aiosmtpd on 127.0.0.1: what stops, what stays pending, what ``status`` says, and
+that a later run (a later "day", an open window) finishes with nobody skipped or doubled.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+from conftest import FeedServer, Mailbox, Project, Route, item, rss
+from newsletter.config import load_config
+from newsletter.context import RunContext
+from newsletter.digest import schedule_status, send_digest
+
+READERS = [f"reader{i:02d}@example.com" for i in range(12)]
+
+
+def configure(
+    project: Project, feed_server: FeedServer, port: int, *, sender: str = "", schedule: str = ""
+) -> None:
+    feed_server.routes["/feed.xml"] = Route(rss([item(1), item(2)]))
+    project.setup(
+        [feed_server.url("/feed.xml")], smtp_port=port, subscribers=READERS, extra_schedule=schedule
+    )
+    text = project.config.read_text()
+    project.config.write_text(text.replace("    timeout: 10\n", f"    timeout: 10\n{sender}", 1))
+
+
+class Clock:
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+def run(project: Project, clock: Clock):  # type: ignore[no-untyped-def]
+    config = load_config(project.config)
+    with RunContext.open(config, clock=clock) as ctx:
+        report = send_digest(ctx, "weekly", fetch_feeds=True)
+        status = schedule_status(ctx, "weekly")
+    return report, status
+
+
+def test_a_day_quota_stops_the_send_and_the_next_day_finishes_it(
+    project: Project, feed_server: FeedServer, smtp_server: tuple[Mailbox, int]
+) -> None:
+    box, port = smtp_server
+    configure(project, feed_server, port, sender="    connections: 3\n    rate_limit: {per_day: 5}\n")
+    clock = Clock(datetime(2026, 12, 1, 9, 0, tzinfo=UTC))
+    report, status = run(project, clock)
+    # Five go out, the rest waits: nobody failed for a quota.
+    assert len(box.messages) == 5
+    assert report.paused and "quota" in report.paused and not report.aborted
+    (issue,) = report.issues
+    assert (issue.sent, issue.pending, issue.failed) == (5, len(READERS) - 5, 0)
+    assert status.paused == report.paused and "2026-12-02" in status.paused
+    assert status.retries == len(READERS) - 5
+    assert status.still_pending and set(status.still_pending) <= set(READERS)
+    # A restart the same day does not reset the count: nothing more goes out.
+    clock.at += timedelta(hours=2)
+    again, _ = run(project, clock)
+    assert len(box.messages) == 5 and again.paused
+    # The next days: five more, then the last two, each exactly once.
+    clock.at += timedelta(hours=24)
+    run(project, clock)
+    assert len(box.messages) == 10
+    clock.at += timedelta(hours=25)
+    last, status = run(project, clock)
+    assert not last.paused and status.paused == "" and status.retries == 0
+    copies = Counter(r for _, rcpts, _ in box.messages for r in rcpts)
+    assert copies == Counter(READERS)
+
+
+def test_a_send_window_pauses_the_send_and_an_open_window_resumes_it(
+    project: Project, feed_server: FeedServer, smtp_server: tuple[Mailbox, int]
+) -> None:
+    box, port = smtp_server
+    configure(
+        project,
+        feed_server,
+        port,
+        schedule="    timezone: Europe/Lisbon\n    send_window: weekdays 08:00-18:00\n",
+    )
+    # Saturday 2026-12-05, 10:00 in Lisbon (UTC+0 in winter): closed until Monday 08:00.
+    clock = Clock(datetime(2026, 12, 5, 10, 0, tzinfo=UTC))
+    report, status = run(project, clock)
+    assert box.messages == []
+    assert "send window" in report.paused and "2026-12-07 08:00" in report.paused, report.paused
+    (issue,) = report.issues
+    assert (issue.sent, issue.pending, issue.failed) == (0, len(READERS), 0)
+    assert status.paused == report.paused
+    # Monday 08:30: the window is open and the issue goes out to everyone once.
+    clock.at = datetime(2026, 12, 7, 8, 30, tzinfo=UTC)
+    report, status = run(project, clock)
+    assert not report.paused and status.retries == 0
+    assert Counter(r for _, rcpts, _ in box.messages for r in rcpts) == Counter(READERS)
