@@ -354,3 +354,34 @@ def test_control_characters_in_title_and_names_reach_no_header(plain: bool) -> N
         for value in decoded:
             assert not any(c in value for c in CONTROLS), (name, value)
             assert "red" in value and " j" in value, (name, value)
+
+
+# -- Leading dots: a built message needs no SMTP dot-stuffing -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<p>.starts with a dot</p>",
+        "<pre>\n.\n..\n...\n.end</pre>",
+        "<p>" + "x" * 74 + "\n." + "é" * 40 + "</p>",  # the dot's line must break, never mid-escape
+        "<p>" + ". " * 200 + "</p>",
+    ],
+)
+@pytest.mark.parametrize("name", ["Ann", ".Ann", "." + "=" * 60 + "\u00e9" * 30])
+def test_no_line_of_a_built_message_starts_with_a_dot_and_the_text_is_unchanged(body: str, name: str) -> None:
+    r = rendered(summary=body)
+    values = {"email": "ann@example.com", "name": name, "unsubscribe_url": "https://u.example/x"}
+    _, data = skeleton(r).build(Recipient("ann@example.com", name, values))
+    lines = data.split(b"\r\n")
+    assert not [line for line in lines if line.startswith(b".")]
+    assert max(len(line) for line in lines) <= 998
+    assert all(len(line) <= 76 for line in data.split(b"\r\n\r\n", 1)[1].split(b"\r\n"))
+    msg = parse(data)
+    expected_html, expected_text = r.html, r.text
+    for i, field in enumerate(r.fields):
+        token = f"{r.prefix}F{i}E"
+        expected_html = expected_html.replace(token, html.escape(values[field], quote=True))
+        expected_text = expected_text.replace(token, values[field])
+    assert msg.get_body(("html",)).get_content().replace("\r\n", "\n") == expected_html
+    assert msg.get_body(("plain",)).get_content().replace("\r\n", "\n") == expected_text

@@ -172,7 +172,8 @@ class _Feed:
         self.closed = False  # nothing more will come; the lanes finish what is queued
         self.broken = False  # the loop itself failed: no lane may send another end of data
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self.stop = stop or threading.Event()
+        self.run_stop = stop or threading.Event()  # the caller's: SIGTERM
+        self.stop = threading.Event()  # the lanes': the run's stop, or this send's halt
         self.out: set[_Ref[Any]] = set()  # handed out, outcome not on disk yet
 
     def put(self, jobs: Iterable[Job]) -> None:
@@ -188,6 +189,7 @@ class _Feed:
                 self.out.discard(job.ref)  # type: ignore[arg-type]
             if drop:
                 self.work.clear()
+                self.stop.set()  # a lane waiting for its turn gives it up
             self.cv.notify_all()
 
     def take(self, wait: bool) -> Job | None:
@@ -215,8 +217,12 @@ class _Feed:
         self.events.put(("ended", error))
 
     def gather(self) -> list[tuple[str, Any]]:
-        """Whatever the lanes said: at least one event, and all that came with it."""
-        events = [self.events.get()]
+        """Whatever the lanes said, all that came together; none for a while: [], so the loop
+        can look at the run's stop."""
+        try:
+            events = [self.events.get(timeout=0.5)]
+        except queue.Empty:
+            return []
         with contextlib.suppress(queue.Empty):
             while len(events) < 500:
                 events.append(self.events.get_nowait())
@@ -263,11 +269,15 @@ def deliver_lanes(
         while alive:
             if not feed.closed:
                 exhausted = _fill(feed, todo, prepare, record, run, 2 * alive, stop, hold)
-                if exhausted or run.paused or (stop is not None and stop.is_set()):
+                if exhausted or run.paused or feed.run_stop.is_set():
                     feed.finish(drop=not exhausted)
+            if feed.run_stop.is_set() and not feed.stop.is_set():
+                feed.finish(drop=True)
             answered: list[_Ref[T]] = []
-            with batch():
-                for kind, value in feed.gather():
+            # Wait for the lanes outside the transaction: other processes write too.
+            events = feed.gather()
+            with batch() if events else contextlib.nullcontext():
+                for kind, value in events:
                     if kind == "done":
                         job, error = value
                         ref = job.ref

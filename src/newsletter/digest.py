@@ -184,7 +184,7 @@ class _Send:
                 message_id, data = skeleton.build(b.recipient(sub))
             except ValueError as exc:  # a value that cannot go into a header, say
                 raise Unsendable(sub.email, f"cannot build the message: {exc}") from None
-            out = Outgoing(skeleton.envelope_from, sub.email, message_id, data, label)
+            out = Outgoing(skeleton.envelope_from, sub.email, message_id, data, label, dot_safe=True)
             return Attempt(lambda: sender.send(out), item.attempts, sub.email, out)
 
         sent_now = [0]

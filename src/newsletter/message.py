@@ -39,8 +39,34 @@ MAX_LINE = 998  # RFC 5322, without the CRLF
 
 
 def qp(text: str) -> bytes:
-    """Quoted-printable of UTF-8 text, CRLF line ends, lines of at most 76 characters."""
-    return body_encode(text.encode("utf-8").decode("latin-1"), maxlinelen=76, eol="\r\n").encode("ascii")
+    """Quoted-printable of UTF-8 text, CRLF line ends, lines of at most 76 characters, none
+    starting with a dot (see ``dot_safe``)."""
+    encoded = body_encode(text.encode("utf-8").decode("latin-1"), maxlinelen=76, eol="\r\n")
+    return dot_safe(encoded.encode("ascii"))
+
+
+def dot_safe(encoded: bytes) -> bytes:
+    """Quoted-printable lines with a leading dot written as ``=2E`` (the same text decoded).
+
+    SMTP doubles a dot that starts a line (RFC 5321 4.5.2); a message with none needs no
+    stuffing, so the sender skips a scan of every 100 KB message. A line that grows past 76
+    characters is broken with a soft line break, never inside an ``=XX``.
+    """
+    if not (encoded.startswith(b".") or b"\n." in encoded):
+        return encoded
+    out: list[bytes] = []
+    for line in encoded.split(b"\r\n"):
+        while line.startswith(b"."):
+            line = b"=2E" + line[1:]
+            if len(line) <= 76:
+                break
+            cut = 75  # and the soft break's "=" makes 76
+            while b"=" in line[cut - 2 : cut]:
+                cut -= 1
+            out.append(line[:cut] + b"=")
+            line = line[cut:]
+        out.append(line)
+    return b"\r\n".join(out)
 
 
 def _qp_run(text: str) -> bytes:
@@ -320,7 +346,7 @@ def _qp_value(value: str) -> bytes:
     """A one-line value as quoted-printable, by the C encoder: this runs per message."""
     if not value:
         return b""
-    return binascii.b2a_qp(value.encode("utf-8")).replace(b"=\n", SOFT_BREAK) + SOFT_BREAK
+    return dot_safe(binascii.b2a_qp(value.encode("utf-8")).replace(b"=\n", SOFT_BREAK) + SOFT_BREAK)
 
 
 def _fill(parts: list[bytes], plan: Plan, encoded: list[bytes]) -> None:

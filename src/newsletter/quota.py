@@ -51,7 +51,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 DAY = timedelta(hours=24)
 HOUR = timedelta(hours=1)
 MAX_HOLD = 60.0  # seconds: the longest hold after a refusal
-MIN_RATE = 0.1  # msg/s: halving stops here, one message every 10 s
+MIN_RATE = 1.0  # msg/s: halving stops here; slower than that, patience decides
 OBSERVE = 10.0  # seconds of turns over which the rate "seen" is measured
 
 
@@ -318,7 +318,7 @@ class Pacer:
             current = self._rate if self._rate is not None else self._observed(now)
             if self._target is None:
                 self._target = current
-            self._rate = max(MIN_RATE, current / 2)
+            self._rate = max(min(MIN_RATE, current), current / 2)
             hold = self._backoff * (0.75 + 0.25 * self._random())
             self._backoff = min(self._backoff * 2, self.max_hold)
             self._hold_until = now + hold
@@ -343,4 +343,4 @@ class Pacer:
         recent = [t for t in self._recent if t > now - OBSERVE]
         if not recent:
             return 1.0
-        return max(MIN_RATE, len(recent) / max(now - recent[0], 1.0))
+        return max(MIN_RATE, len(recent) / max(now - recent[0], 0.1))

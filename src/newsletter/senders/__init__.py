@@ -48,6 +48,7 @@ class Outgoing:
     message_id: str
     data: bytes
     label: str  # "<schedule>-<issue number>", for senders that file messages away
+    dot_safe: bool = False  # no line starts with a dot: SMTP need not scan it for stuffing
 
 
 @dataclass(frozen=True)

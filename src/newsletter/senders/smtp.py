@@ -102,6 +102,12 @@ class _Pace(Pacing):
         self.since: float | None = None  # throttled, with no message accepted since
 
     def acquire(self, stop: threading.Event) -> bool:
+        if self.exhausted():
+            # Throttled all along, and the slowed pace would only drag it out: stop here.
+            raise DeliveryError(
+                f"the server has been throttling for over {self.patience:g} s",
+                hint="nothing was lost; the undelivered messages are sent on the next run",
+            )
         return self.pacer.acquire(stop)
 
     def release(self, n: int = 1) -> None:

@@ -40,14 +40,14 @@ THROTTLING = frozenset({421, 454})
 _RATE_WORDS = re.compile(rb"(?i)throttl|rate|too many|exceeded|slow down|4\.7\.28")
 # A message is sent again on a new connection after its first one broke, once.
 MAX_DROPS = 2
-# How many throttling replies in a row one message takes before the run stops with it
-# still pending (the backoff grows to a minute; a server that keeps saying so wants a pause).
-MAX_THROTTLES = 8
 
 
-def wire(data: bytes) -> bytes:
-    """The message as DATA content: CRLF at the end, dot-stuffed only where a line starts with
-    a dot. Built messages never have one, so this is one memchr-speed scan, not a regex."""
+def wire(data: bytes, dot_safe: bool = False) -> bytes:
+    """The message as DATA content: CRLF at the end, dot-stuffed where a line starts with a
+    dot. A message built ``dot_safe`` has none (its quoted-printable writes them ``=2E``)
+    and is sent as it is; any other is scanned once, at C speed, never by a regex."""
+    if dot_safe and data.endswith(b"\r\n"):
+        return data
     if data.startswith(b".") or b"\r\n." in data:
         data = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
     return data if data.endswith(b"\r\n") else data + b"\r\n"
@@ -142,7 +142,6 @@ class Lane:
         self.inflight: list[Job] = []  # written on this connection, not answered yet
         self.prev: Job | None = None  # answered last: on disk before our next end of data
         self.drops: dict[int, int] = {}
-        self.throttles: dict[int, int] = {}
         self.pipelining = self.size = False  # what the current connection's EHLO said
         self.expect: list[bytes] = []  # the commands written whose replies are still to read
         self.lockstep: list[bytes] = []  # without PIPELINING: commands still to write, one a reply
@@ -237,14 +236,17 @@ class Lane:
                     tail = DOT
                     if nxt is not None:
                         tail += self._envelope(nxt, False)
-                    elif last:
+                    elif last and self.pipelining:
                         tail += b"QUIT\r\n"  # may end a group (RFC 2920)
                     conn.send(msg.content)
                     conn.send(tail)
                     self._answer(msg, *conn.getreply())
                     if last:
-                        self.conn = None
-                        conn.close()
+                        if self.pipelining:
+                            self.conn = None
+                            conn.close()
+                        else:
+                            self._quit()
                         return
                     if nxt is None:
                         msg = self._next(wait=True)
@@ -268,7 +270,7 @@ class Lane:
     def _next(self, *, wait: bool) -> _Msg | None:
         """The next message to write on this connection, its turn taken; None: no work."""
         while (job := self.retry.popleft() if self.retry else self.feed.take(wait=wait)) is not None:
-            msg = _Msg(job, wire(job.message.data))
+            msg = _Msg(job, wire(job.message.data, job.message.dot_safe))
             bad = [a for a in (job.message.envelope_from, job.message.recipient) if not _envelope_safe(a)]
             if bad:
                 # SMTPUTF8 is not spoken, and nothing may break out of the command line.
@@ -304,8 +306,8 @@ class Lane:
         """
         for command in self.expect:
             code, text = conn.getreply()
-            if code == 421:
-                raise Throttled(reply_text(code, text))
+            if code == 421:  # closing: the connection is done, the message goes again
+                self._throttled(msg, reply_text(code, text))
             if command == b"DATA":
                 if code == 354 and (msg.error is not None or msg.throttled):
                     # DATA taken with no valid recipient: an empty message ends it (RFC 2920
@@ -353,8 +355,7 @@ class Lane:
             self._finish(msg, refusal(code, text))
 
     def _throttled(self, msg: _Msg, reply: str) -> None:
-        count = self.throttles[id(msg.job)] = self.throttles.get(id(msg.job), 0) + 1
-        if count >= MAX_THROTTLES or self.pacing.exhausted():
+        if self.pacing.exhausted():
             self._broken()
             raise DeliveryError(
                 f"sender {self.name}: the server keeps throttling: {reply}",
