@@ -8,7 +8,7 @@ that a later run (a later "day", an open window) finishes with nobody skipped or
 from __future__ import annotations
 
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from conftest import FeedServer, Mailbox, Project, Route, item, rss
 from newsletter.config import load_config
@@ -58,6 +58,8 @@ def test_a_day_quota_stops_the_send_and_the_next_day_finishes_it(
     (issue,) = report.issues
     assert (issue.sent, issue.pending, issue.failed) == (5, len(READERS) - 5, 0)
     assert status.paused == report.paused and "2026-12-02" in status.paused
+    # Seven left at five a day: the last of them two days on, whatever the rate.
+    assert report.finish is not None and report.finish.date() == date(2026, 12, 3), report.finish
     assert status.retries == len(READERS) - 5
     assert status.still_pending and set(status.still_pending) <= set(READERS)
     # A restart the same day does not reset the count: nothing more goes out.

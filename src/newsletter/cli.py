@@ -247,6 +247,8 @@ def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, forc
     if report.paused and not report.aborted:
         # Not a failure: the rest goes when the window opens or the quota allows.
         click.echo(f"paused: {_safe(report.paused)}; run again then (the daemon does it by itself)")
+        if report.finish:
+            click.echo(f"expected to finish {report.finish:%Y-%m-%d %H:%M %Z}")
         sys.exit(EX_TEMPFAIL)
     sys.exit(0 if report.ok else 1)
 

@@ -166,7 +166,8 @@ class Daemon:
             log.error(report.aborted, extra={"event": "aborted", "schedule": name})
         elif report.paused:
             # The retry job picks it up again once the window opens or the quota allows.
-            log.info(report.paused, extra={"event": "paused", "schedule": name})
+            finish = f"; expected to finish {report.finish:%Y-%m-%d %H:%M %Z}" if report.finish else ""
+            log.info(report.paused + finish, extra={"event": "paused", "schedule": name})
 
     def post(self, name: str) -> None:
         if self.stop.is_set():

@@ -10,6 +10,7 @@ module says in what order they run, and is the one that syncs a subscriber list.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -81,6 +82,7 @@ class DigestReport:
     warnings: list[str] = field(default_factory=list)
     aborted: str = ""  # the sender could not go on; everything undelivered stays pending
     paused: str = ""  # a send window or a quota stopped the send; it goes on by itself later
+    finish: datetime | None = None  # a paused send: when all should be out, at this run's rate
     outbox: str = ""  # where a dry run put its messages
     posts: list[PostReport] = field(default_factory=list)  # issue announcements
 
@@ -323,7 +325,7 @@ def _deliver_all(
     # The sender is opened only when there is something to send: "nothing new" needs no
     # mail server, and a server that is down leaves the built issue pending for the next run.
     # A day quota counts what this sender sent in the last 24 h, this run's own included.
-    clock = send.ctx.clock
+    clock, started = send.ctx.clock, time.monotonic()
     sender.remember(store.sent_since(sender.name, clock() - timedelta(hours=25)), clock)
     try:
         with sender:
@@ -344,6 +346,11 @@ def _deliver_all(
     except DeliveryError as exc:
         report.aborted = exc.with_hint()
     note_pause(store, send.builder.name, report.paused)
+    if report.paused:
+        took = time.monotonic() - started
+        pending = sum(i.pending for i in report.issues)
+        sent = sum(i.sent for i in report.issues)
+        report.finish = finish_of(send.ctx, send.builder.name, pending, sent / took if sent else 0.0)
 
 
 def _preview(send: _Send, report: DigestReport, force: bool, to: str | None) -> None:
@@ -469,19 +476,25 @@ def schedule_status(ctx: RunContext, name: str, last: int = 5) -> ScheduleStatus
     if unfinished:
         status.rate = sum(store.recent_sends(i.id, now() - RATE_SPAN) for i in unfinished) / RATE_SPAN.seconds
         status.still_pending = [p.recipient for p in store.pending(unfinished[0].id, b.list_name, limit=5)]
-        opts = config.senders[b.schedule.sender].options
-        rates = getattr(opts, "rate_limit", None)
-        per_day = getattr(rates, "per_day", None)
-        used = sum(n for _, n in store.sent_since(b.schedule.sender, at - timedelta(hours=24)))
-        # At the rate seen now; with none (no send running), at the quota's own pace.
-        rate = status.rate or getattr(rates, "per_second", None)
-        finish = expected_finish(
-            at,
-            pending,
-            rate,
-            window=b.schedule.window(config.settings.timezone),
-            per_day=per_day,
-            sent_today=used,
-        )
-        status.finish = finish.astimezone(tz) if finish else None
+        status.finish = finish_of(ctx, name, pending, status.rate)
     return status
+
+
+def finish_of(ctx: RunContext, name: str, pending: int, rate: float) -> datetime | None:
+    """When ``pending`` messages of the schedule should be out: at ``rate`` (with none, the
+    sender's own per-second limit), inside its send window, within its day quota."""
+    config, store = ctx.config, ctx.store
+    schedule = config.schedule(name)
+    tz = zone(schedule.timezone or config.settings.timezone)
+    rates = getattr(config.senders[schedule.sender].options, "rate_limit", None)
+    at = ctx.clock()
+    used = sum(n for _, n in store.sent_since(schedule.sender, at - timedelta(hours=24)))
+    finish = expected_finish(
+        at,
+        pending,
+        rate or getattr(rates, "per_second", None),
+        window=schedule.window(config.settings.timezone),
+        per_day=getattr(rates, "per_day", None),
+        sent_today=used,
+    )
+    return finish.astimezone(tz) if finish else None

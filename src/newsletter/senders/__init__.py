@@ -9,7 +9,7 @@ in a package's metadata::
 
 One module per service: ``smtp`` and ``file`` mail; ``webhook`` (Standard Webhooks JSON),
 ``slack``, ``discord``, ``mastodon`` and ``bluesky`` post, sharing the HTTP layer in
-``senders/http.py``; ``senders/throttle.py`` paces SMTP and HTTP alike.
+``senders/http.py``; ``senders/throttle.py`` paces HTTP targets, ``quota.py`` SMTP.
 
 ``send`` (email) and ``post`` (webhooks) raise :class:`TemporaryFailure` (retry later) or
 :class:`PermanentFailure` (give up) for one item, :class:`TargetGone` when the target is gone

@@ -1,9 +1,9 @@
-"""One pace for a sender: at most so many sends a second, and a pause a target asked for.
+"""One pace for an HTTP sender: at most so many posts a second, and a pause a target asked for.
 
-SMTP servers and webhook targets both limit how fast they are fed. The SMTP sender's
-``rate_limit`` spaces its messages; HTTP targets announce when their bucket is empty
-(``X-RateLimit-*``, ``RateLimit-*``) or ask for about one message a second (Slack). Both wait
-here. Only the standard library: ``import newsletter.senders.smtp`` stays light.
+Webhook targets announce when their bucket is empty (``X-RateLimit-*``, ``RateLimit-*``) or
+ask for about one message a second (Slack); both wait here. (The SMTP sender's connections
+share ``quota.Pacer`` instead: rates in several units, a day's quota, backoff.) Only the
+standard library, so the HTTP layer stays light.
 """
 
 from __future__ import annotations
