@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import compileall
 import email
 import email.policy
 import os
@@ -13,7 +14,8 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -26,15 +28,68 @@ import pytest
 from aiosmtpd.controller import Controller
 from click.testing import CliRunner, Result
 
+import newsletter
 from newsletter.cli import main
+from newsletter.redact import forget_all
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Where PYTHONDONTWRITEBYTECODE is set (these machines set it), pytest rewrites every test module
+# again in every worker, a second each time; cached in tests/__pycache__ it is done once.
+sys.dont_write_bytecode = False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every `python -m newsletter` the tests start would otherwise compile the whole package
+    # from source (no bytecode is written under PYTHONDONTWRITEBYTECODE, and a fresh clone has
+    # none), a third of its start-up. Compiled once here, before the workers start, it is read
+    # by all of them. Only what is missing or stale is compiled.
+    if not hasattr(config, "workerinput"):
+        compileall.compile_dir(Path(newsletter.__file__).parent, quiet=2)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-golden", action="store_true", help="rewrite tests/golden/ from the current output"
     )
+
+
+# -- the CLI in this process -------------------------------------------------------------------
+
+
+def run_in_process(
+    args: Sequence[str], env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`newsletter ARGS` run in this process and answered as a finished process would be.
+
+    A command costs milliseconds here against a second of interpreter start-up and imports in
+    a subprocess. What a real process would print that this one might not is printed all the
+    same: an exception that escaped becomes the traceback on stderr, and so does one raised in
+    a thread. Remembered secrets are forgotten before and after, as a new process starts with
+    none: a secret left from an earlier command must not blank the output of this one.
+    Where the process boundary is the point (signals, kills, umask, hangs, start-up), tests run
+    `python -m newsletter` instead.
+    """
+    in_threads: list[str] = []
+
+    def hook(failure: threading.ExceptHookArgs) -> None:
+        name = failure.thread.name if failure.thread else "?"
+        lines = traceback.format_exception(failure.exc_type, failure.exc_value, failure.exc_traceback)
+        in_threads.append(f"Exception in thread {name}:\n" + "".join(lines))
+
+    forget_all()
+    previous = threading.excepthook
+    threading.excepthook = hook
+    try:
+        result = CliRunner().invoke(main, list(args), env=dict(env or {}), catch_exceptions=True)
+    finally:
+        threading.excepthook = previous
+        forget_all()
+    stderr = result.stderr
+    if result.exc_info and result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    stderr += "".join(in_threads)
+    return subprocess.CompletedProcess(["newsletter", *args], result.exit_code, result.stdout, stderr)
 
 
 # -- feeds over HTTP -------------------------------------------------------------------------------
@@ -263,6 +318,10 @@ schedules:
 
     def run(self, *args: str) -> Result:
         return CliRunner().invoke(main, ["--config", str(self.config), *args], catch_exceptions=False)
+
+    def run_in_process(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """What `run_process` answers, from a run in this process (see `run_in_process`)."""
+        return run_in_process(["--config", str(self.config), *args], env={"NEWSLETTER_SECRET": "s"})
 
     def run_process(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -1,4 +1,9 @@
-"""The commands as a user runs them: real processes, clear messages, the documented exit codes."""
+"""The commands as a user runs them: clear messages, the documented exit codes.
+
+Most run in this process (`Project.run_in_process`: the same exit code, stdout and stderr, a
+second less each); what reaches a terminal, and a missing configuration, is checked on real
+`python -m newsletter` processes.
+"""
 
 from __future__ import annotations
 
@@ -40,12 +45,12 @@ def test_bad_yaml_unknown_key_and_missing_sender_exit_2_naming_file_and_key(proj
     for text, *needles in cases:
         project.config.write_text(text)
         for command in (["check"], ["send-digest", "weekly"]):
-            assert_clean_failure(project.run_process(*command), 2, str(project.config), *needles)
+            assert_clean_failure(project.run_in_process(*command), 2, str(project.config), *needles)
 
 
 def test_check_reports_bad_subscriber_rows_with_file_and_line(project: Project) -> None:
     project.setup(["feed.xml"], subscribers=["ann@example.com,Ann", "bogus,Bad", "ann@EXAMPLE.com,Dup"])
-    result = project.run_process("check")
+    result = project.run_in_process("check")
     assert result.returncode == 0, result.stderr
     assert "readers.csv:3: invalid address 'bogus'" in result.stderr
     assert "readers.csv:4: ann@example.com already on line 2" in result.stderr
@@ -58,16 +63,16 @@ def test_malformed_and_failing_feeds_are_reported_not_raised(
     feed_server.routes["/bad.xml"] = Route(b"<rss><channel><item><title>cut")
     feed_server.routes["/err.xml"] = Route(b"no", status=500, content_type="text/plain")
     project.setup([feed_server.url("/bad.xml"), feed_server.url("/err.xml")])
-    result = project.run_process("fetch")
+    result = project.run_in_process("fetch")
     assert_clean_failure(result, 0, "/bad.xml: not a feed", "/err.xml: HTTP 500", "2 error(s)")
-    digest = project.run_process("send-digest", "weekly")
+    digest = project.run_in_process("send-digest", "weekly")
     assert_clean_failure(digest, 0, "nothing new")
 
 
 def test_unknown_schedule_is_a_usage_error(project: Project) -> None:
     project.setup(["feed.xml"])
     assert_clean_failure(
-        project.run_process("send-digest", "monthly"), 2, "no schedule named 'monthly'", "weekly"
+        project.run_in_process("send-digest", "monthly"), 2, "no schedule named 'monthly'", "weekly"
     )
 
 
@@ -91,9 +96,9 @@ def test_status_shows_issues_deliveries_and_feed_health(
     feed_server.routes["/feed.xml"] = Route(rss([item(1), item(2)]))
     project.setup([feed_server.url("/feed.xml")], smtp_port=port)
     box.rcpt_replies = {"cy@example.com": "550 no"}
-    sent = project.run_process("send-digest", "weekly")
+    sent = project.run_in_process("send-digest", "weekly")
     assert sent.returncode == 1
-    status = project.run_process("status")
+    status = project.run_in_process("status")
     assert status.returncode == 0
     assert "weekly: 3 subscriber(s), 0 new entries waiting" in status.stdout
     assert "#1" in status.stdout and "sent 2, pending 0, failed 1" in status.stdout
@@ -136,7 +141,7 @@ def test_a_refused_smtp_login_never_shows_the_password(
     login = "    timeout: 10\n    username: news\n    password_env: SMTP_PASSWORD"
     project.config.write_text(project.config.read_text().replace("    timeout: 10", login))
     monkeypatch.setenv("SMTP_PASSWORD", SECRET)
-    result = project.run_process("send-digest", "weekly")
+    result = project.run_in_process("send-digest", "weekly")
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "refused the login" in output and "535" in output, output
@@ -152,7 +157,7 @@ def test_a_config_error_in_a_value_from_the_environment_names_the_key_not_the_va
     )
     monkeypatch.setenv("FROM", f"sk_live_{SECRET}")  # a secret put in the wrong variable
     for command in (["check"], ["send-digest", "weekly"]):
-        result = project.run_process(*command)
+        result = project.run_in_process(*command)
         assert_clean_failure(result, 2, str(project.config), "schedules.weekly.from", "not an email address")
         assert SECRET not in result.stdout + result.stderr
 
@@ -160,9 +165,9 @@ def test_a_config_error_in_a_value_from_the_environment_names_the_key_not_the_va
 def test_a_feed_url_with_credentials_is_shown_without_them(project: Project, feed_server: FeedServer) -> None:
     url = feed_server.url("/private.xml").replace("http://", f"http://reader:{SECRET}@")
     project.setup([url])
-    fetched = project.run_process("fetch")
+    fetched = project.run_in_process("fetch")
     assert_clean_failure(fetched, 0, "/private.xml", "HTTP 404", "1 error(s)")
-    status = project.run_process("status")
+    status = project.run_in_process("status")
     assert_clean_failure(status, 0, "/private.xml", "error (1 in a row)")
     for result in (fetched, status):
         output = result.stdout + result.stderr
@@ -230,7 +235,7 @@ def test_subscribers_export_neutralises_spreadsheet_formulas(project: Project) -
         writer.writerow(["email", "name", "=note"])
         for email, name in rows.items():
             writer.writerow([email, name, "=1+1" if email == "hal@example.com" else "plain"])
-    result = project.run_process("subscribers", "export", "readers")
+    result = project.run_in_process("subscribers", "export", "readers")
     assert result.returncode == 0, result.stderr
     table = list(csv.reader(io.StringIO(result.stdout)))
     assert table[0] == ["email", "name", "'=note"]

@@ -43,7 +43,8 @@ def test_sigkill_mid_send_then_rerun_gives_everyone_exactly_one_copy(
     assert delivered_before < RECIPIENTS, "the kill came too late to test anything"
     box.data_delay = 0  # slow only so that the kill lands mid-send; the rerun need not be
 
-    rerun = project.run_process("send-digest", "weekly")
+    # The kill needed a process of its own; the reruns do not.
+    rerun = project.run_in_process("send-digest", "weekly")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     counts = box.by_recipient()
     assert set(counts) == set(addresses), "someone got nothing"
@@ -52,5 +53,5 @@ def test_sigkill_mid_send_then_rerun_gives_everyone_exactly_one_copy(
     # The rerun finished the killed issue rather than building a second one.
     assert {str(m["Subject"]) for m in box.parsed()} == {"Test Weekly #1: Post 2"}
 
-    third = project.run_process("send-digest", "weekly")
+    third = project.run_in_process("send-digest", "weekly")
     assert "nothing new" in third.stdout and len(box.messages) == sum(counts.values())

@@ -1,4 +1,8 @@
-"""`newsletter run` as a real process: schedules fire, signals stop it cleanly, locks hold."""
+"""`newsletter run` as a real process: schedules fire, signals stop it cleanly, locks hold.
+
+The commands run beside it (a fetch to set up, a send by hand) run in this process: they are
+another process to the daemon all the same.
+"""
 
 from __future__ import annotations
 
@@ -87,10 +91,10 @@ def test_sigterm_mid_send_stops_between_messages_and_the_rest_is_sent_later(
     assert "stopped; undelivered messages stay pending" in daemon.log
     box.data_delay = 0  # slow only so that the signal lands mid-send; the rest need not be
 
-    status = project.run_process("status")
+    status = project.run_in_process("status")
     assert f"deliveries waiting for a retry: {200 - stopped_at}" in status.stdout
 
-    rest = project.run_process("send-digest", "weekly")
+    rest = project.run_in_process("send-digest", "weekly")
     assert rest.returncode == 0, rest.stdout + rest.stderr
     assert box.by_recipient() == {a: 1 for a in addresses}
 
@@ -104,7 +108,7 @@ def _state_with_a_missed_run(project: Project, feed_server: FeedServer, port: in
         smtp_port=port,
         extra_schedule=f"    when: daily at {fire:%H:%M}\n    misfire_grace: {grace}\n",
     )
-    assert project.run_process("fetch").returncode == 0
+    assert project.run_in_process("fetch").returncode == 0
     store = Store(load_config(project.config).database_url)
     store.set_last_run("weekly", fire - timedelta(days=1) + timedelta(minutes=1))
     store.close()
@@ -152,11 +156,11 @@ def test_send_digest_by_hand_while_the_daemon_sends_never_doubles_a_copy(
     daemon, addresses = start_slow_send(project, feed_server, smtp_server, daemons, 150)
     daemon.wait_for(lambda: len(box.messages) >= 10, why="the daemon's send to start")
 
-    busy = project.run_process("send-digest", "weekly")
+    busy = project.run_in_process("send-digest", "weekly")
     assert busy.returncode == 1
     assert "'weekly' is being sent by another process" in busy.stderr and "Traceback" not in busy.stderr
 
-    waited = project.run_process("send-digest", "weekly", "--wait", "60")
+    waited = project.run_in_process("send-digest", "weekly", "--wait", "60")
     assert waited.returncode == 0, waited.stdout + waited.stderr
     assert "nothing new" in waited.stdout
     assert daemon.terminate() == 0
@@ -291,7 +295,7 @@ def test_a_feed_that_does_not_answer_in_time_is_used_as_stored_and_named_in_the_
         fetch_extra="  interval: 1h\n  digest_timeout: 1\n",
         extra_schedule="    when: every 1 second\n",
     )
-    assert project.run_process("fetch").returncode == 0  # stored, and not due for an hour
+    assert project.run_in_process("fetch").returncode == 0  # stored, and not due for an hour
     feed_server.routes["/feed.xml"] = Route(rss([item(1), item(2)]), delay=30)
     daemon = Daemon(project)
     daemons.append(daemon)

@@ -1,28 +1,32 @@
 """The public app over real HTTP: GET asks, one-click POST unsubscribes, forgeries change nothing.
 
-Most tests run it the way `newsletter serve` does (waitress, in its own process); the rest on
-werkzeug in a thread, standing for any other WSGI server.
+Most tests run it on waitress with the limits `newsletter serve` gives it: in a thread here, and
+as `newsletter serve` itself, a real process, where the server's own body limits are the
+point. The rest run on werkzeug in a thread, standing for any other WSGI server.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 import requests
+import waitress
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from conftest import FeedServer, Project, Route, WebServer, free_port, item, rss, sent_messages
 from newsletter.config import load_config
 from newsletter.store import Store
 from newsletter.tokens import SALT
-from newsletter.web import create_public_app
+from newsletter.web import WAITRESS_LIMITS, create_public_app
 
 CONFIGURED = "https://news.example.net"
 PRIVATE = """\
@@ -53,6 +57,50 @@ def sent(project: Project, feed_server: FeedServer) -> Project:
 def site(sent: Project) -> Iterator[tuple[Project, WebServer]]:
     server = WebServer(create_public_app(str(sent.config)))
     yield sent, server
+    server.close()
+
+
+class Waitress:
+    """The public app on waitress in a thread, as `newsletter serve` runs it (same limits)."""
+
+    def __init__(self, config: str) -> None:
+        self.server = waitress.create_server(
+            create_public_app(config),
+            host="127.0.0.1",
+            port=0,
+            threads=4,
+            # How often the loop wakes when idle: often, so that close() is not a second's wait.
+            asyncore_loop_timeout=0.05,
+            **WAITRESS_LIMITS,
+        )
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.server.effective_port}"
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except (OSError, ValueError):
+            # Closing the sockets under the loop is how it is stopped; anything else is news.
+            if not self.stopping:
+                raise
+
+    def close(self) -> None:
+        # waitress has no stop(): close every channel (the listener too) and the loop ends.
+        self.stopping = True
+        self.server.logger.setLevel(logging.CRITICAL)
+        while self.server._map:
+            for channel in list(self.server._map.values()):
+                channel.handle_close()
+        self.server.task_dispatcher.shutdown()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def waitress_site(sent: Project) -> Iterator[tuple[Project, str]]:
+    server = Waitress(str(sent.config))
+    yield sent, server.base
     server.close()
 
 
@@ -208,8 +256,8 @@ def test_the_archive_shows_past_issues_without_anyones_address(site: tuple[Proje
 # -- only a POST changes anything ----------------------------------------------------------------
 
 
-def test_head_get_and_options_only_show_and_post_unsubscribes(served: tuple[Project, str]) -> None:
-    project, base = served
+def test_head_get_and_options_only_show_and_post_unsubscribes(waitress_site: tuple[Project, str]) -> None:
+    project, base = waitress_site
     url = unsubscribe_url(project, base, "ann@example.com")
     # Link scanners and prefetchers send HEAD (curl -I), browsers preflight with OPTIONS.
     for method in ("HEAD", "GET", "OPTIONS", "HEAD"):
@@ -289,8 +337,8 @@ def test_the_app_caps_bodies_under_any_wsgi_server(site: tuple[Project, WebServe
 # -- unknown things are a plain 404 -------------------------------------------------------------------
 
 
-def test_unknown_schedules_and_issues_are_a_plain_404(served: tuple[Project, str]) -> None:
-    project, base = served
+def test_unknown_schedules_and_issues_are_a_plain_404(waitress_site: tuple[Project, str]) -> None:
+    project, base = waitress_site
     for path in ("/archive/nope/1/", "/archive/weekly/9/", "/archive/private/1/", "/archive/x/"):
         answer = requests.get(base + path, timeout=10)
         assert answer.status_code == 404, path
@@ -299,8 +347,8 @@ def test_unknown_schedules_and_issues_are_a_plain_404(served: tuple[Project, str
             assert secret not in answer.text, (path, secret)
 
 
-def test_only_schedules_that_opt_in_are_in_the_archive(served: tuple[Project, str]) -> None:
-    _, base = served
+def test_only_schedules_that_opt_in_are_in_the_archive(waitress_site: tuple[Project, str]) -> None:
+    _, base = waitress_site
     index = requests.get(f"{base}/archive/", timeout=10)
     assert index.status_code == 200
     assert "Test Weekly #1: Post 1" in index.text
@@ -309,8 +357,8 @@ def test_only_schedules_that_opt_in_are_in_the_archive(served: tuple[Project, st
     assert requests.get(f"{base}/archive/private/1/", timeout=10).status_code == 404
 
 
-def test_the_archive_reads_no_subscriber_list(served: tuple[Project, str]) -> None:
-    project, base = served
+def test_the_archive_reads_no_subscriber_list(waitress_site: tuple[Project, str]) -> None:
+    project, base = waitress_site
     # An edit broke the list (not UTF-8): the archive has nothing to do with it.
     (project.root / "subscribers" / "readers.csv").write_bytes(b"email,name\n\xff\xfe broken\n")
     page = requests.get(f"{base}/archive/weekly/1/", timeout=10)
@@ -324,8 +372,8 @@ def test_the_archive_reads_no_subscriber_list(served: tuple[Project, str]) -> No
 # -- headers on every response --------------------------------------------------------------------
 
 
-def test_every_response_carries_security_headers(served: tuple[Project, str]) -> None:
-    project, base = served
+def test_every_response_carries_security_headers(waitress_site: tuple[Project, str]) -> None:
+    project, base = waitress_site
     url = unsubscribe_url(project, base, "ann@example.com")
     answers = {
         "unsubscribe page": requests.get(url, timeout=10),
