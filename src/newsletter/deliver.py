@@ -180,6 +180,8 @@ class _Feed:
         self.run_stop = stop or threading.Event()  # the caller's: SIGTERM
         self.stop = threading.Event()  # the lanes': the run's stop, or this send's halt
         self.out: set[_Ref[Any]] = set()  # handed out, outcome not on disk yet
+        self.handed = self.answered = 0  # all run long: what went out, what came back answered
+        self.held = 0  # taken by a lane, neither answered nor given back
 
     def put(self, jobs: Iterable[Job]) -> None:
         with self.cv:
@@ -200,12 +202,17 @@ class _Feed:
     def take(self, wait: bool) -> Job | None:
         with self.cv:
             while not self.work:
-                if self.closed or not wait:
+                # Closed, but another lane still holds messages: it may give them back.
+                if not wait or self.stop.is_set() or (self.closed and not self.held):
                     return None
                 self.cv.wait()
+            self.held += 1
             return self.work.popleft()
 
     def done(self, job: Job, error: Exception | None) -> None:
+        with self.cv:
+            self.held -= 1
+            self.cv.notify_all()
         self.events.put(("done", (job, error)))
 
     def recorded(self, job: Job) -> None:
@@ -216,10 +223,13 @@ class _Feed:
             raise DeliveryError("the delivery loop stopped before this outcome was written")
 
     def give_back(self, jobs: list[Job]) -> None:
-        self.events.put(("back", jobs))
-
-    def ended(self, error: BaseException | None) -> None:
-        self.events.put(("ended", error))
+        with self.cv:
+            self.held -= len(jobs)
+            if self.stop.is_set():
+                self.events.put(("back", jobs))  # halted: they stay pending
+            else:
+                self.work.extendleft(reversed(jobs))  # the other lanes send them first
+            self.cv.notify_all()
 
     def gather(self) -> list[tuple[str, Any]]:
         """Whatever the lanes said, all that came together; none for a while: [], so the loop
@@ -260,7 +270,7 @@ def deliver_lanes(
     run = Run()
     feed = _Feed(stop)
     threads = [
-        threading.Thread(target=sender.lane, args=(i, feed), name=f"{sender.name}-{i}", daemon=True)
+        threading.Thread(target=_lane, args=(sender, i, feed), name=f"{sender.name}-{i}", daemon=True)
         for i in range(sender.lanes())
     ]
     for thread in threads:
@@ -292,12 +302,8 @@ def deliver_lanes(
                         elif not _judge(run, ref.item, ref.attempt, error, record, max_attempts, said):
                             failure = error
                         answered.append(ref)
-                    elif kind == "back":
-                        # Taken, never answered: another lane sends them, or they stay pending.
-                        if feed.closed and not exhausted:
-                            feed.out.difference_update(j.ref for j in value)
-                        else:
-                            feed.put(value)
+                    elif kind == "back":  # taken, never answered, and the send halted: pending
+                        feed.out.difference_update(j.ref for j in value)
                     else:
                         alive -= 1
                         if isinstance(value, DeliveryError):
@@ -312,6 +318,7 @@ def deliver_lanes(
                             feed.finish(drop=True)
                     if failure is not None:
                         feed.finish(drop=True)
+            feed.answered += len(answered)
             for ref in answered:
                 feed.out.discard(ref)
                 ref.on_disk.set()
@@ -326,10 +333,20 @@ def deliver_lanes(
             thread.join()
     if failure is not None:
         raise failure
-    unfinished = feed.out or not exhausted
+    unfinished = feed.answered < feed.handed or not exhausted
     if last_error is not None and unfinished and not run.paused:
         run.aborted = said(last_error.with_hint())
     return run
+
+
+def _lane(sender: Sender, index: int, feed: _Feed) -> None:
+    """One lane's thread: whatever ends it, the loop hears of it exactly once."""
+    try:
+        sender.lane(index, feed)
+    except BaseException as exc:
+        feed.events.put(("ended", exc))
+    else:
+        feed.events.put(("ended", None))
 
 
 def _fill(
@@ -365,6 +382,7 @@ def _fill(
         assert attempt.message is not None, "a sender with lanes needs Attempt.message"
         ref = _Ref(item, attempt)
         feed.out.add(ref)
+        feed.handed += 1
         jobs.append(Job(attempt.message, ref))
     feed.put(jobs)
     return False

@@ -94,10 +94,8 @@ class Feed(Protocol):
         that a killed process has at most one message per connection of unknown fate."""
 
     def give_back(self, jobs: list[Job]) -> None:
-        """Messages taken but not answered (a lane that ends): still pending."""
-
-    def ended(self, error: BaseException | None) -> None:
-        """The lane is done: with None when the feed ran dry, else why it stopped."""
+        """Messages taken but not answered (a lane that ends): another lane sends them, or
+        they stay pending."""
 
 
 class Sender:
@@ -150,7 +148,9 @@ class Sender:
 
     def lane(self, index: int, feed: Feed) -> None:
         """Send messages taken from ``feed`` until it has none left; report each with
-        ``feed.done``. Runs in a thread of its own; ``index`` 0 may use what ``open`` opened."""
+        ``feed.done``, give back what is left when ending early, and raise why
+        (DeliveryError). Runs in a thread of its own; ``index`` 0 may use what ``open``
+        opened."""
         raise NotImplementedError
 
     def __enter__(self) -> Sender:

@@ -100,6 +100,10 @@ class _Pace(Pacing):
         self.pacer = pacer
         self.patience = patience
         self.since: float | None = None  # throttled, with no message accepted since
+        self.lock = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        return not self.exhausted() and self.pacer.try_acquire()
 
     def acquire(self, stop: threading.Event) -> bool:
         if self.exhausted():
@@ -115,12 +119,14 @@ class _Pace(Pacing):
             self.pacer.release(n)
 
     def throttled(self) -> float:
-        if self.since is None:
-            self.since = time.monotonic()
+        with self.lock:
+            if self.since is None:
+                self.since = time.monotonic()
         return self.pacer.throttled()
 
     def ok(self) -> None:
-        self.since = None
+        with self.lock:
+            self.since = None
         self.pacer.sent()
         self.pacer.ok()
 

@@ -32,12 +32,14 @@ from ..errors import DeliveryError, PermanentFailure, TemporaryFailure
 from . import Feed, Job
 
 DOT = b".\r\n"
-# Replies that mean "slower, please", not "not this reader": 421 (closing: too many
-# connections, or messages), Amazon SES's "454 Throttling failure: Maximum sending rate
-# exceeded", and a 451/452 that says it is about a rate ("452 4.5.3 Too many recipients"),
-# unlike "452 4.2.2 Mailbox full", which is that reader's.
-THROTTLING = frozenset({421, 454})
-_RATE_WORDS = re.compile(rb"(?i)throttl|rate|too many|exceeded|slow down|4\.7\.28")
+_LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
+# Replies that mean "slower, please", not "not this reader": Amazon SES's "454 Throttling
+# failure: Maximum sending rate exceeded", and a 421/451/452 that says it is about a rate
+# ("452 4.5.3 Too many recipients"), unlike "452 4.2.2 Mailbox full", which is that reader's.
+# Any other 421 closes the connection ("too many messages on this connection"): reconnect
+# and send the message again, as after a drop, without slowing anyone down.
+THROTTLING = frozenset({454})
+_RATE_WORDS = re.compile(rb"(?i)throttl|\brate\b|rate.limit|exceeded|slow down|4\.7\.28|too many recipients")
 # A message is sent again on a new connection after its first one broke, once.
 MAX_DROPS = 2
 
@@ -48,15 +50,20 @@ def wire(data: bytes, dot_safe: bool = False) -> bytes:
     and is sent as it is; any other is scanned once, at C speed, never by a regex."""
     if dot_safe and data.endswith(b"\r\n"):
         return data
+    if b"\r" in data.replace(b"\r\n", b"") or b"\n" in data.replace(b"\r\n", b""):
+        # A bare CR or LF: as smtplib does, every line end becomes CRLF first, so that no
+        # ".\n" can end the data early on a lenient server.
+        data = _LINE_ENDS.sub(b"\r\n", data)
     if data.startswith(b".") or b"\r\n." in data:
         data = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
     return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
 def reply_text(code: int, text: bytes | str) -> str:
+    """A server's reply as one line (a multi-line reply's lines joined), for the ledger."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    return f"{code} {text}".strip()
+    return " ".join(f"{code} {text}".split())
 
 
 def refusal(code: int, text: bytes | str) -> Exception:
@@ -65,7 +72,7 @@ def refusal(code: int, text: bytes | str) -> Exception:
 
 
 def throttling(code: int, text: bytes) -> bool:
-    return code in THROTTLING or (code in (451, 452) and _RATE_WORDS.search(text) is not None)
+    return code in THROTTLING or (code in (421, 451, 452) and _RATE_WORDS.search(text) is not None)
 
 
 class Throttled(Exception):
@@ -89,6 +96,10 @@ class Pacing:
     def acquire(self, stop: threading.Event) -> bool:
         """Wait for the next message's turn (False: the run was stopped meanwhile); raise to
         stop the run (a quota reached). Each turn is settled by ``ok`` or ``release``."""
+        return True
+
+    def try_acquire(self) -> bool:
+        """A turn if one is free now, without waiting."""
         return True
 
     def release(self, n: int = 1) -> None:
@@ -141,25 +152,28 @@ class Lane:
         self.retry: deque[Job] = deque()  # from a connection that broke: they go first
         self.inflight: list[Job] = []  # written on this connection, not answered yet
         self.prev: Job | None = None  # answered last: on disk before our next end of data
-        self.drops: dict[int, int] = {}
+        self.drops: dict[Job, int] = {}  # connections lost under a message not yet answered
         self.pipelining = self.size = False  # what the current connection's EHLO said
         self.expect: list[bytes] = []  # the commands written whose replies are still to read
         self.lockstep: list[bytes] = []  # without PIPELINING: commands still to write, one a reply
 
     def run(self) -> None:
-        error: BaseException | None = None
+        """Until the feed has no more; raises what ended the lane early (DeliveryError, a
+        quota reached), after giving back every message taken and not answered."""
+        clean = False
         try:
             while (job := self.retry.popleft() if self.retry else self.feed.take(wait=True)) is not None:
                 self.retry.appendleft(job)
+                if self.feed.stop.is_set():
+                    break  # stopped: no new connection for what is left
                 if self.conn is None:
                     self.conn = self._open()
                 self._streak(self.conn)
+            clean = True
         except _Stopped:
-            pass
-        except Exception as exc:  # DeliveryError, a quota reached, or something unforeseen
-            error = exc
+            clean = True
         finally:
-            if self.inflight or error is not None:
+            if self.inflight or not clean:
                 # Mid-message, a QUIT would be read as content: hang up instead.
                 self._hang_up()
             else:
@@ -170,7 +184,6 @@ class Lane:
             self.retry.clear()
             if back:
                 self.feed.give_back(back)
-            self.feed.ended(error)
 
     def _open(self) -> smtplib.SMTP:
         try:
@@ -258,8 +271,8 @@ class Lane:
             self._broken()
         except (OSError, smtplib.SMTPServerDisconnected) as exc:
             for job in self.inflight:
-                self.drops[id(job)] = self.drops.get(id(job), 0) + 1
-                if self.drops[id(job)] >= MAX_DROPS:
+                self.drops[job] = self.drops.get(job, 0) + 1
+                if self.drops[job] >= MAX_DROPS:
                     self._broken()
                     raise DeliveryError(
                         f"sender {self.name}: lost the connection twice while sending: {exc}",
@@ -268,7 +281,11 @@ class Lane:
             self._broken()
 
     def _next(self, *, wait: bool) -> _Msg | None:
-        """The next message to write on this connection, its turn taken; None: no work."""
+        """The next message to write on this connection, its turn taken; None: no work.
+
+        ``wait=False`` is asked with a 354 outstanding: only a message that can go at once,
+        since the content owed to the server must not wait for a turn (the turn it would wait
+        for may be this very message's, under a day quota)."""
         while (job := self.retry.popleft() if self.retry else self.feed.take(wait=wait)) is not None:
             msg = _Msg(job, wire(job.message.data, job.message.dot_safe))
             bad = [a for a in (job.message.envelope_from, job.message.recipient) if not _envelope_safe(a)]
@@ -276,7 +293,10 @@ class Lane:
                 # SMTPUTF8 is not spoken, and nothing may break out of the command line.
                 self.feed.done(job, PermanentFailure(f"address {bad[0]!r} cannot go into an SMTP envelope"))
                 continue
-            if not self.pacing.acquire(self.feed.stop):
+            if not wait and not self.pacing.try_acquire():
+                self.retry.appendleft(job)  # next, after this message's 250
+                return None
+            if wait and not self.pacing.acquire(self.feed.stop):
                 self.retry.appendleft(job)
                 raise _Stopped
             self.inflight.append(job)  # from here on it holds a turn until ok() or release()
@@ -307,7 +327,9 @@ class Lane:
         for command in self.expect:
             code, text = conn.getreply()
             if code == 421:  # closing: the connection is done, the message goes again
-                self._throttled(msg, reply_text(code, text))
+                if throttling(code, text):
+                    self._throttled(msg, reply_text(code, text))
+                raise smtplib.SMTPServerDisconnected(reply_text(code, text))
             if command == b"DATA":
                 if code == 354 and (msg.error is not None or msg.throttled):
                     # DATA taken with no valid recipient: an empty message ends it (RFC 2920
@@ -350,6 +372,8 @@ class Lane:
             self.pacing.ok()
         elif throttling(code, text):
             self._throttled(msg, reply_text(code, text))
+        elif code == 421:  # closing without taking it: as a drop, the message goes again
+            raise smtplib.SMTPServerDisconnected(reply_text(code, text))
         else:
             self.pacing.release()
             self._finish(msg, refusal(code, text))
@@ -365,6 +389,7 @@ class Lane:
 
     def _finish(self, msg: _Msg, error: Exception | None) -> None:
         self.inflight.remove(msg.job)
+        self.drops.pop(msg.job, None)
         self.feed.done(msg.job, error)
         self.prev = msg.job
 
