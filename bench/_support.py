@@ -291,6 +291,65 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+# -- smtp-sink with a clock ----------------------------------------------------------------------
+
+
+class TimedSmtpSink(SmtpSink):
+    """SmtpSink that also notes when its counter moved: a run timed from the server's side.
+
+    ``moves`` holds (perf_counter(), messages) each time the -c counter went up, so a caller can
+    tell when a client's first message arrived and when its last did.
+    """
+
+    _COUNTER = re.compile(rb"mesg=(\d+)[\r\n]")
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.moves: list[tuple[float, int]] = [(time.perf_counter(), 0)]
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> TimedSmtpSink:
+        super().__enter__()
+        return self
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        tail = b""
+        while chunk := self.proc.stdout.read1(65536):  # type: ignore[attr-defined]
+            stamp = time.perf_counter()
+            self._out += chunk[-4096:]
+            del self._out[:-8192]
+            text = tail + chunk
+            found = self._COUNTER.findall(text)
+            # A counter cut in two by the read is matched whole with the next chunk.
+            tail = text[-64:]
+            if found:
+                count = int(found[-1])
+                with self._lock:
+                    if count > self.moves[-1][1]:
+                        self.moves.append((stamp, count))
+
+    def received(self) -> int:
+        """Messages counted so far, without counts()'s pause."""
+        with self._lock:
+            return self.moves[-1][1]
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> int:
+        """Waits until the counter reaches count (the counter is printed after the reply)."""
+        deadline = time.monotonic() + timeout
+        while self.received() < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.received()
+
+    def span(self, before: int, after: int) -> tuple[float, float] | None:
+        """(when the counter first passed before, when it reached after), or None."""
+        with self._lock:
+            moves = list(self.moves)
+        first = next((t for t, n in moves if n > before), None)
+        last = next((t for t, n in moves if n >= after), None)
+        return None if first is None or last is None else (first, last)
+
+
 if __name__ == "__main__":
     if len(sys.argv) in (3, 4) and sys.argv[1] == "aiosmtpd":
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends it by closing stdin
