@@ -419,3 +419,6 @@ def daemons() -> Iterator[list[Daemon]]:
     yield started
     for d in started:
         d.kill()
+
+
+from pg import pg_cluster, pg_database, pg_empty, state_url  # noqa: E402, F401  (PostgreSQL fixtures)

@@ -112,9 +112,16 @@ LEGACY_TTL = "ALTER TABLE feeds ADD COLUMN ttl INTEGER"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(f"sqlite:///{tmp_path / 'state.db'}", busy_timeout=1) as opened:
+def store(state_url: str) -> Iterator[Store]:
+    """A new store on each backend in turn (``state_url``: tests/pg.py)."""
+    with Store(state_url, busy_timeout=1) as opened:
         yield opened
+
+
+def raw_rows(store: Store, sql: str) -> list[tuple[object, ...]]:
+    """What the database itself holds, past the store's conversions, on either backend."""
+    found = store.execute(sql).fetchall()
+    return [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in found]
 
 
 def applied(path: Path) -> list[int]:
@@ -144,7 +151,14 @@ def add_list(store: Store, name: str, emails: list[str]) -> None:
 # -- migrations ----------------------------------------------------------------------------------
 
 
-def test_migrations_are_numbered_without_a_gap_and_split_into_statements() -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_both_backends_have_the_same_migrations_by_number_and_name(backend: str) -> None:
+    assert [(m.number, m.name) for m in load(backend)] == [(m.number, m.name) for m in load("sqlite")]
+    first = load(backend)[0].sql
+    assert first.count("CREATE TABLE") == LEGACY_SCHEMA.count("CREATE TABLE")
+
+
+def test_sqlite_migrations_are_numbered_without_a_gap_and_split_into_statements() -> None:
     migrations = load("sqlite")
     assert [m.number for m in migrations] == list(range(1, len(migrations) + 1))
     assert migrations[0].name == "initial"
@@ -153,7 +167,7 @@ def test_migrations_are_numbered_without_a_gap_and_split_into_statements() -> No
     assert sum(s.startswith("CREATE TABLE") for s in first) == LEGACY_SCHEMA.count("CREATE TABLE")
 
 
-def test_a_new_database_gets_every_migration_once(tmp_path: Path) -> None:
+def test_a_new_sqlite_database_gets_every_migration_once(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     Store(f"sqlite:///{path}").close()
     everything = [m.number for m in load("sqlite")]
@@ -164,7 +178,9 @@ def test_a_new_database_gets_every_migration_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("with_ttl", [True, False], ids=["previous-version", "before-ttl"])
-def test_a_database_made_before_numbered_migrations_opens_and_works(tmp_path: Path, with_ttl: bool) -> None:
+def test_a_sqlite_database_made_before_numbered_migrations_opens_and_works(
+    tmp_path: Path, with_ttl: bool
+) -> None:
     path = tmp_path / "state.db"
     db = sqlite3.connect(path)
     db.executescript(LEGACY_SCHEMA)
@@ -212,7 +228,7 @@ def test_a_database_made_before_numbered_migrations_opens_and_works(tmp_path: Pa
         assert store.feeds()[0].ttl == 30
 
 
-def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+def test_a_sqlite_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     Store(f"sqlite:///{path}").close()
     with sqlite3.connect(path) as db:
@@ -225,22 +241,21 @@ def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
 # -- the interface -------------------------------------------------------------------------------
 
 
-def test_the_sqlite_store_is_a_storage(store: Store) -> None:
+def test_each_store_is_a_storage(store: Store) -> None:
     wanted = {n for n in dir(Storage) if not n.startswith("_")}
     assert wanted <= {n for n in dir(store) if callable(getattr(store, n))}
 
 
-def test_statuses_are_stored_as_their_plain_values(store: Store, tmp_path: Path) -> None:
+def test_statuses_are_stored_as_their_plain_values(store: Store) -> None:
     add_list(store, "readers", ["ann@example.com", "bob@example.com"])
     issue = store.create_issue(
         "weekly", watermark=0, entry_ids=[], subject="S", payload={}, list_name="readers"
     )
     store.record_delivery(issue.id, "ann@example.com", DeliveryStatus.FAILED, "550 no")
     store.skip_delivery(issue.id, "bob@example.com", "unsubscribed")
-    with sqlite3.connect(tmp_path / "state.db") as db:
-        rows = dict(db.execute("SELECT recipient, status FROM deliveries").fetchall())
-        assert rows == {"ann@example.com": "failed", "bob@example.com": "skipped"}
-        assert all(type(v) is str for v in rows.values())
+    rows = dict(raw_rows(store, "SELECT recipient, status FROM deliveries"))
+    assert rows == {"ann@example.com": "failed", "bob@example.com": "skipped"}
+    assert all(type(v) is str for v in rows.values())
     assert store.delivery_counts(issue.id) == DeliveryCounts(failed=1, skipped=1)
     assert store.finish_issue_if_done(issue.id)
     assert store.issue_by_id(issue.id).status == IssueStatus.COMPLETE == "complete"  # type: ignore[union-attr]

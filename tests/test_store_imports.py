@@ -22,7 +22,14 @@ FORBIDDEN = [
     ("newsletter.storage", ["newsletter.store", "newsletter.config", *LIBRARIES, "sqlite3"]),
     (
         "newsletter.store",
-        [*LIBRARIES, "newsletter.config", "newsletter.feeds", "newsletter.subscribers", "newsletter.senders"],
+        [
+            *LIBRARIES,
+            "psycopg",  # only a postgresql:// URL loads it
+            "newsletter.config",
+            "newsletter.feeds",
+            "newsletter.subscribers",
+            "newsletter.senders",
+        ],
     ),
     ("newsletter.render", ["requests", "feedparser", "sqlite3", "newsletter.store"]),
     ("newsletter.subscribers", ["newsletter.store", "sqlite3", *LIBRARIES]),

@@ -24,8 +24,9 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(path: Path) -> Iterator[Store]:
-    with Store(f"sqlite:///{path}", busy_timeout=1) as opened:
+def store(state_url: str) -> Iterator[Store]:
+    """A new store on each backend in turn (``state_url``: tests/pg.py)."""
+    with Store(state_url, busy_timeout=1) as opened:
         yield opened
 
 
@@ -65,21 +66,21 @@ def test_a_count_commits_and_rolls_back_with_its_transaction(store: Store) -> No
     assert store.sent_since("ses", T0) == [(datetime(2026, 12, 1, 13, tzinfo=UTC), 1)]
 
 
-def test_counts_survive_reopening_the_file_and_old_hours_can_be_dropped(path: Path) -> None:
-    with Store(f"sqlite:///{path}") as store:
+def test_counts_survive_reopening_the_database_and_old_hours_can_be_dropped(state_url: str) -> None:
+    with Store(state_url) as store:
         for hours in range(30):
             store.count_sent("ses", T0 - timedelta(hours=hours), 10)
-    with Store(f"sqlite:///{path}") as store:
+    with Store(state_url) as store:
         day = store.sent_since("ses", T0 - DAY)
         assert len(day) == 25 and sum(n for _, n in day) == 250  # 13:00 yesterday to 13:00 today
         assert store.forget_usage(T0 - DAY) == 5
         assert store.sent_since("ses", T0 - timedelta(days=3)) == day
 
 
-def test_a_pacer_made_from_the_store_stops_at_the_daily_quota_after_a_restart(path: Path) -> None:
-    with Store(f"sqlite:///{path}") as store:
+def test_a_pacer_made_from_the_store_stops_at_the_daily_quota_after_a_restart(state_url: str) -> None:
+    with Store(state_url) as store:
         store.count_sent("ses", T0 - timedelta(hours=3), 8)
-    with Store(f"sqlite:///{path}") as store:
+    with Store(state_url) as store:
         pacer = Pacer(Rates(per_day=10), history=store.sent_since("ses", T0 - DAY), wall=lambda: T0)
         for _ in range(2):
             assert pacer.acquire()
@@ -90,7 +91,7 @@ def test_a_pacer_made_from_the_store_stops_at_the_daily_quota_after_a_restart(pa
         assert caught.value.until == datetime(2026, 12, 2, 11, tzinfo=UTC)
 
 
-def test_migration_3_applies_on_a_database_at_migration_2(path: Path) -> None:
+def test_migration_3_applies_on_a_sqlite_database_at_migration_2(path: Path) -> None:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)")
     for m in load("sqlite")[:2]:

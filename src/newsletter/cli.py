@@ -495,3 +495,22 @@ def post(state: State, schedule: str, no_fetch: bool, wait: float) -> None:
             click.echo(f"error: {_safe(r.target)}: {_safe(r.disabled)}", err=True)
         bad = bad or bool(r.errors or r.disabled)
     sys.exit(1 if bad else 0)
+
+
+@main.group()
+def db() -> None:
+    """The state database's schema."""
+
+
+@db.command("migrate")
+@click.pass_obj
+def db_migrate(state: State) -> None:
+    """Apply the schema migrations the state database lacks (PostgreSQL needs this after an
+    upgrade; SQLite applies them by itself). Safe to run from several machines at once."""
+    from .store import migrate_database
+
+    config = state.config
+    done = migrate_database(config.database_url, config.settings.busy_timeout.total_seconds())
+    for name in done.applied:
+        click.echo(f"applied {name}")
+    click.echo(f"{_safe(done.where)}: schema {done.version}" + ("" if done.applied else ", nothing to apply"))

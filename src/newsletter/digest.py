@@ -415,6 +415,14 @@ def check(ctx: RunContext) -> CheckResult:
     """
     result = CheckResult()
     store = ctx.store
+    # PostgreSQL is migrated by `newsletter db migrate`, not as it opens (SQLite has none left).
+    pending = store.pending_migrations()
+    if pending:
+        raise StoreError(
+            f"{getattr(store, 'path', 'the state database')}: {len(pending)} migration(s) to apply:"
+            f" {', '.join(pending)}",
+            hint="run `newsletter db migrate`",
+        )
     for name in ctx.config.schedules:
         b = IssueBuilder(ctx, name)
         result.warnings += sync(store, b.list_name, b.list_path).problems

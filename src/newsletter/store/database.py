@@ -47,6 +47,9 @@ class Database:
             raise StoreError(f"{self.path}: cannot open the state database: {exc}") from None
         self._depth = 0
 
+    def pending_migrations(self) -> list[str]:
+        return []  # applied as the file was opened
+
     def close(self) -> None:
         self.db.close()
 

@@ -4,6 +4,10 @@ Each backend keeps its own SQL under the same numbers, so migration 3 means the 
 in SQLite and in PostgreSQL. What a database has applied is in its ``schema_migrations``
 table; a migration and its row are committed together, so a crash halfway leaves the
 database at the previous number, not between two.
+
+SQLite applies them at open. PostgreSQL, shared by several machines, applies them only when
+asked (``newsletter db migrate``): each in its own transaction, behind an advisory lock, so
+two machines migrating at once apply each migration once.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreError
 from ..model import now
+
+if TYPE_CHECKING:
+    import psycopg
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -114,9 +122,92 @@ def migrate_sqlite(db: sqlite3.Connection, path: str) -> None:
         raise
 
 
+def applied_sqlite(url: str) -> int:
+    """The newest migration the SQLite file at ``url`` has, read without creating or changing
+    it; 0 when there is no such file yet."""
+    path = Path(url.removeprefix("sqlite:///"))
+    if url.endswith(":memory:") or not path.is_file():
+        return 0
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return _applied(db)
+    finally:
+        db.close()
+
+
 def _has_tables(db: sqlite3.Connection) -> bool:
     """Whether the database held our tables before any migration was recorded in it."""
     return (
         db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'feeds'").fetchone()
         is not None
     )
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+# pg_advisory_xact_lock key for migrating: a fixed number, the same in every process. Advisory
+# locks belong to one database, so two databases on one server do not wait for each other.
+MIGRATION_LOCK = 0x6E6C_6D69  # "nlmi"
+
+
+def applied_postgres(conn: psycopg.Connection[Any]) -> int:
+    """The newest migration the database has recorded; 0 for a new one."""
+    row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    if not row or not _first(row):
+        return 0
+    row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
+    return int(_first(row)) if row else 0
+
+
+def pending_postgres(conn: psycopg.Connection[Any], where: str) -> list[Migration]:
+    """The migrations the database does not have yet, in order; refused if it is newer."""
+    migrations = load("postgres")
+    version = applied_postgres(conn)
+    _not_newer(version, migrations, where)
+    return list(migrations[version:])
+
+
+def migrate_postgres(conn: psycopg.Connection[Any], where: str) -> list[Migration]:
+    """Apply what the database lacks on ``conn`` (autocommit mode); return what was applied.
+
+    One transaction per migration, each first taking the migration lock and reading the
+    version again under it: a second migrator waits, then finds the work done."""
+    migrations = load("postgres")
+    done: list[Migration] = []
+    while True:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute(TABLE)
+            version = applied_postgres(conn)
+            _not_newer(version, migrations, where)
+            if version == len(migrations):
+                return done
+            m = migrations[version]
+            try:
+                # The whole file in one call: without parameters PostgreSQL takes several
+                # statements at once, and they are all in this transaction.
+                conn.execute(m.sql)
+            except Exception as exc:
+                raise StoreError(f"{where}: migration {m.number:04d}_{m.name}: {_one_line(exc)}") from None
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",
+                (m.number, m.name, now().isoformat(timespec="seconds")),
+            )
+        done.append(m)
+
+
+def _not_newer(version: int, migrations: tuple[Migration, ...], where: str) -> None:
+    if version > len(migrations):
+        raise StoreError(
+            f"{where}: the state database is at schema {version}, this version knows up to {len(migrations)}",
+            hint="it was written by a newer newsletter: upgrade this one",
+        )
+
+
+def _first(row: Any) -> Any:
+    # Rows come as dicts or tuples depending on the connection's row factory.
+    return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
