@@ -231,16 +231,18 @@ class _Feed:
                 self.work.extendleft(reversed(jobs))  # the other lanes send them first
             self.cv.notify_all()
 
-    def gather(self) -> list[tuple[str, Any]]:
+    def gather(self, lanes: int) -> list[tuple[str, Any]]:
         """Whatever the lanes said, all that came together; none for a while: [], so the loop
-        can look at the run's stop."""
+        can look at the run's stop. It waits for more only while more lanes could answer:
+        with one connection, never."""
         try:
             events = [self.events.get(timeout=0.5)]
         except queue.Empty:
             return []
         with contextlib.suppress(queue.Empty):
             while len(events) < 500:
-                events.append(self.events.get(timeout=GATHER))
+                wait = GATHER if len(events) < lanes else 0.0
+                events.append(self.events.get(timeout=wait) if wait else self.events.get_nowait())
         return events
 
     def fail(self) -> None:
@@ -290,7 +292,7 @@ def deliver_lanes(
                 feed.finish(drop=True)
             answered: list[_Ref[T]] = []
             # Wait for the lanes outside the transaction: other processes write too.
-            events = feed.gather()
+            events = feed.gather(alive)
             with batch() if events else contextlib.nullcontext():
                 for kind, value in events:
                     if kind == "done":
