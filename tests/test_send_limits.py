@@ -62,6 +62,10 @@ def test_a_day_quota_stops_the_send_and_the_next_day_finishes_it(
     assert report.finish is not None and report.finish.date() == date(2026, 12, 3), report.finish
     assert status.retries == len(READERS) - 5
     assert status.still_pending and set(status.still_pending) <= set(READERS)
+    # What the publisher sees: why it waits, who is still to get it, when it should be done.
+    shown = project.run("status", "weekly").output
+    assert "paused: daily quota of 5 reached" in shown, shown
+    assert "still pending: reader" in shown and "expected to finish" in shown, shown
     # A restart the same day does not reset the count: nothing more goes out.
     clock.at += timedelta(hours=2)
     again, _ = run(project, clock)
