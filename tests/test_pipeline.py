@@ -262,7 +262,7 @@ def test_421_in_the_middle_of_a_pipeline_reconnects_and_everyone_is_delivered(
 ) -> None:
     server = scripted(close_at=(0, 4))
     everyone = readers(20)
-    configure(project, feed_server, server.port, everyone, sender={"connections": 3, "rate_limit": RATE})
+    configure(project, feed_server, server.port, everyone, sender={"connections": 3})
     done, _ = send(project)
     assert_clean_exit(done, 0)
     assert summary(20) in done.stdout, output(done)
