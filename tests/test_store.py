@@ -338,3 +338,30 @@ def test_a_lock_of_a_dead_process_is_taken_over_and_a_live_one_waited_for(store:
 def test_an_expired_lock_is_free(store: Store) -> None:
     assert store.acquire_lock("schedule:w", "other-host.invalid:1:0000", -1) is None
     assert store.acquire_lock("schedule:w", "me", 60) is None
+
+
+def test_a_nul_in_a_feeds_text_is_stored_on_either_backend(store: Store) -> None:
+    # PostgreSQL text refuses NUL, SQLite keeps it: one hostile id must not stop every fetch.
+    url = "https://a.test/nul"
+    hostile = FeedEntry("id:a\x00b", "Post\x00 1", "https://blog.test/1", "<p>1</p>")
+    assert store.record_fetch(FetchResult(url, FetchStatus.OK, [hostile, entry(2)])) == 2
+    titles = [e.title.replace("\x00", "") for e in store.new_entries([url], 0, store.max_entry_id(), 10)]
+    assert sorted(titles) == ["Post 1", "Post 2"]
+    # Seen again, it is the same entry, not a new one.
+    assert store.record_fetch(FetchResult(url, FetchStatus.OK, [hostile])) == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://news:S3CRET@127.0.0.1/db",  # another driver's spelling
+        "host=127.0.0.1 user=news password=S3CRET dbname=db",  # libpq's key=value form
+        "postgresql://news:S3CRET@[::1/db",  # a URL libpq cannot read, whose message quotes it
+        "mysql://news:S3CRET@127.0.0.1/db",
+    ],
+)
+def test_a_database_url_the_store_cannot_use_never_shows_its_password(url: str) -> None:
+    with pytest.raises(StoreError) as caught:
+        Store(url, busy_timeout=1)
+    said = f"{caught.value} {caught.value.hint}"
+    assert "S3CRET" not in said and said.strip()

@@ -24,7 +24,7 @@ POSTGRES = ("postgresql://", "postgres://")
 
 def open_store(url: str, busy_timeout: float = 30.0) -> Storage:
     """A new connection to the state database at ``url``; close it when done."""
-    if url.startswith(POSTGRES):
+    if url.lower().startswith(POSTGRES):
         return _postgres(url, busy_timeout)
     return SQLiteStore(url, busy_timeout=busy_timeout)
 
@@ -46,7 +46,7 @@ def migrate_database(url: str, busy_timeout: float = 30.0) -> Migrated:
     """Apply the migrations the database at ``url`` lacks; say which."""
     from .migrate import applied_sqlite, load
 
-    if url.startswith(POSTGRES):
+    if url.lower().startswith(POSTGRES):
         with _postgres(url, busy_timeout) as pg:
             done = pg.migrate()
             return Migrated(pg.path, [f"{m.number:04d}_{m.name}" for m in done], len(load("postgres")))

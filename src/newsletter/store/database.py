@@ -17,9 +17,11 @@ class Database:
 
     def __init__(self, url: str, busy_timeout: float = 30.0) -> None:
         if not url.startswith("sqlite:///"):
+            # Never the URL itself: one meant for another driver may carry a password.
+            scheme = url.partition("://")[0] if "://" in url else "(no scheme)"
             raise StoreError(
-                f"unsupported database URL {url!r}",
-                hint="only sqlite:///path is built in so far",
+                f"unsupported database URL (scheme {scheme[:40]!r})",
+                hint="use sqlite:///path or postgresql://user@host:5432/db (password in PGPASSWORD)",
             )
         self.path = url[len("sqlite:///") :]
         try:

@@ -52,6 +52,12 @@ def shown(url: str) -> str:
     return _where(url)[0]
 
 
+def _no_nul(args: Iterable[Any]) -> tuple[Any, ...]:
+    """PostgreSQL text cannot hold NUL, which SQLite keeps: a feed's id with one in it would
+    make every fetch's write fail. Dropped here, the one way in."""
+    return tuple(a.replace("\x00", "") if isinstance(a, str) and "\x00" in a else a for a in args)
+
+
 def _message(exc: BaseException) -> str:
     """psycopg's message on one line, with the password blanked should libpq ever echo it."""
     text = " ".join(str(exc).split())
@@ -80,10 +86,11 @@ class PgDatabase:
         self.path, self.server = _where(url)
         try:
             parts = conninfo_to_dict(url)
-        except psycopg.Error as exc:
+        except psycopg.Error:
+            # libpq's own message quotes the URL, password and all: not repeated.
             raise StoreError(
-                f"{self.path}: not a PostgreSQL URL: {_message(exc)}",
-                hint="write it as postgresql://user@host:5432/dbname",
+                f"{self.path}: not a PostgreSQL URL libpq can read",
+                hint="write it as postgresql://user@host:5432/dbname, the password in PGPASSWORD",
             ) from None
         if parts.get("password"):
             raise StoreError(
@@ -195,7 +202,7 @@ class PgDatabase:
                 hint="run `newsletter db migrate` (once, from any one machine)",
             )
         try:
-            return self.db.execute(sql, tuple(args) or None)
+            return self.db.execute(sql, _no_nul(args) or None)
         except psycopg.Error as exc:
             raise self._error(exc) from None
 
