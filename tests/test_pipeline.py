@@ -26,7 +26,7 @@ import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from conftest import FeedServer, Mailbox, Project, Route, free_port, item, rss
+from conftest import FeedServer, Mailbox, Project, Route, free_port, item, rss, run_in_process
 from smtp_script import Command, Connection, Script, ScriptedSmtp
 from test_faults import (
     ENV,
@@ -93,10 +93,15 @@ def configure(
 
 
 def send(
-    project: Project, *, timeout: float = 30, env: dict[str, str] | None = None
+    project: Project, *, timeout: float | None = None, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], float]:
-    """``newsletter send-digest weekly`` to the end; the process and how long it took."""
+    """``newsletter send-digest weekly`` to the end, and how long it took. In this process
+    (a second a run less) unless the test bounds it with ``timeout``: then a real process."""
     began = time.monotonic()
+    if timeout is None:
+        args = ["--config", str(project.config), "send-digest", SCHEDULE]
+        done = run_in_process(args, env={"NEWSLETTER_SECRET": ENV["NEWSLETTER_SECRET"], **(env or {})})
+        return done, time.monotonic() - began
     done = subprocess.run(
         command(project, "send-digest", SCHEDULE),
         capture_output=True,
