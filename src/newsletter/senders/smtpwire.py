@@ -149,6 +149,7 @@ class Lane:
         self.per_connection = per_connection
         self.conn = conn
         self.opened = conn is not None  # this lane has had a connection
+        self.closing = ""  # the 421 a server last closed a connection with
         self.retry: deque[Job] = deque()  # from a connection that broke: they go first
         self.inflight: list[Job] = []  # written on this connection, not answered yet
         self.prev: Job | None = None  # answered last: on disk before our next end of data
@@ -189,6 +190,11 @@ class Lane:
         try:
             return self.connect()
         except DeliveryError as exc:
+            if self.opened and self.closing:
+                # What the server said as it closed the last one says more than the refusal.
+                raise DeliveryError(
+                    f"{exc}; it had closed the connection with {self.closing}", exc.hint
+                ) from None
             if self.opened:
                 raise  # it worked before and broke: the server is gone
             raise LaneLost(str(exc), exc.hint) from None
@@ -327,6 +333,7 @@ class Lane:
         for command in self.expect:
             code, text = conn.getreply()
             if code == 421:  # closing: the connection is done, the message goes again
+                self.closing = reply_text(code, text)
                 if throttling(code, text):
                     self._throttled(msg, reply_text(code, text))
                 raise smtplib.SMTPServerDisconnected(reply_text(code, text))
@@ -373,6 +380,7 @@ class Lane:
         elif throttling(code, text):
             self._throttled(msg, reply_text(code, text))
         elif code == 421:  # closing without taking it: as a drop, the message goes again
+            self.closing = reply_text(code, text)
             raise smtplib.SMTPServerDisconnected(reply_text(code, text))
         else:
             self.pacing.release()

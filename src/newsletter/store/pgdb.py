@@ -11,6 +11,8 @@ rather than failing halfway through a send on a table that is not there yet.
 
 from __future__ import annotations
 
+import enum
+import functools
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -52,10 +54,26 @@ def shown(url: str) -> str:
     return _where(url)[0]
 
 
-def _no_nul(args: Iterable[Any]) -> tuple[Any, ...]:
-    """PostgreSQL text cannot hold NUL, which SQLite keeps: a feed's id with one in it would
-    make every fetch's write fail. Dropped here, the one way in."""
-    return tuple(a.replace("\x00", "") if isinstance(a, str) and "\x00" in a else a for a in args)
+@functools.lru_cache(maxsize=512)
+def _pyformat(sql: str) -> str:
+    """The store's statements use sqlite3's ``?`` (they are shared, see ``common.py``); psycopg
+    wants ``%s``, and a literal ``%`` doubled. No statement has a ``?`` inside a string."""
+    return sql.replace("%", "%%").replace("?", "%s") if "?" in sql else sql
+
+
+def _params(args: Iterable[Any]) -> tuple[Any, ...]:
+    """Statuses by their values, as sqlite3 stores a ``StrEnum``; and no NUL: PostgreSQL text
+    cannot hold one, which SQLite keeps (a feed's id with one in it would make every fetch's
+    write fail). Dropped here, the one way in."""
+    return tuple(_param(a) for a in args)
+
+
+def _param(a: Any) -> Any:
+    if isinstance(a, enum.Enum):
+        return a.value
+    if isinstance(a, str) and "\x00" in a:
+        return a.replace("\x00", "")
+    return a
 
 
 def _message(exc: BaseException) -> str:
@@ -202,7 +220,7 @@ class PgDatabase:
                 hint="run `newsletter db migrate` (once, from any one machine)",
             )
         try:
-            return self.db.execute(sql, _no_nul(args) or None)
+            return self.db.execute(_pyformat(sql), _params(args) or None)
         except psycopg.Error as exc:
             raise self._error(exc) from None
 

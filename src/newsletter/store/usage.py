@@ -7,9 +7,9 @@ row per sender and hour keeps that to at most 25 rows a sender, whatever the vol
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
-
-from .database import Database
+from typing import TYPE_CHECKING, Any
 
 _HOUR = "%Y-%m-%dT%H"  # UTC; sorts as it runs, in SQL as in Python
 
@@ -21,8 +21,12 @@ def hour_of(when: datetime) -> str:
     return when.astimezone(UTC).strftime(_HOUR)
 
 
-class SenderUsage(Database):
-    """The store's ``sender_usage`` methods (migration 0003)."""
+class SenderUsage:
+    """The store's ``sender_usage`` methods (migration 0003), the same SQL on both backends."""
+
+    if TYPE_CHECKING:
+
+        def execute(self, sql: str, args: Iterable[Any] = ()) -> Any: ...
 
     def count_sent(self, sender: str, when: datetime, n: int = 1) -> None:
         """Add ``n`` messages to the hour of ``when``. Inside ``transaction()`` it commits, or

@@ -1,0 +1,222 @@
+"""What both stores say in the same SQL: meta, issues and the ledger, suppressions, posts,
+targets and locks.
+
+Written once, in sqlite3's ``?`` style (the PostgreSQL connection turns it into psycopg's),
+with columns read by name, which both drivers' rows answer. Each backend adds only what its
+engine says differently (feeds and entries, new issues, the subscriber lists).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from ..model import (
+    DeliveryCounts,
+    DeliveryStatus,
+    DisabledTarget,
+    Issue,
+    IssueStatus,
+    PostCounts,
+    PostKind,
+    PostStatus,
+    Suppression,
+    now,
+)
+from .rows import iso, issue_row
+
+
+class SharedSql:
+    """Mixed into ``SQLiteStore`` and ``PostgresStore``, after their connection class."""
+
+    if TYPE_CHECKING:
+
+        def execute(self, sql: str, args: Iterable[Any] = ()) -> Any: ...
+
+        def transaction(self, write: bool = True) -> AbstractContextManager[None]: ...
+
+    def meta(self, key: str) -> str | None:
+        row = self.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row["value"]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def secret(self, name: str) -> str:
+        """A per-installation random secret, made on first use (used when none is in the env)."""
+        with self.transaction():
+            row = self.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()
+            if row:
+                return str(row["value"])
+            value = secrets.token_urlsafe(32)
+            self.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (name, value))
+            return value
+
+    def last_run(self, schedule: str) -> datetime | None:
+        value = self.meta(f"last_run:{schedule}")
+        return datetime.fromisoformat(value) if value else None
+
+    def set_last_run(self, schedule: str, when: datetime) -> None:
+        self.set_meta(f"last_run:{schedule}", iso(when))
+
+    def max_entry_id(self) -> int:
+        return int(self.execute("SELECT COALESCE(MAX(id), 0) AS n FROM entries").fetchone()["n"])
+
+    def watermark(self, schedule: str) -> int:
+        row = self.execute(
+            "SELECT COALESCE(MAX(entry_watermark), 0) AS n FROM issues WHERE schedule = ?", (schedule,)
+        ).fetchone()
+        return int(row["n"])
+
+    def issue_by_id(self, issue_id: int) -> Issue | None:
+        row = self.execute("SELECT * FROM issues WHERE id = ?", (issue_id,)).fetchone()
+        return issue_row(row) if row else None
+
+    def issue(self, schedule: str, number: int) -> Issue | None:
+        row = self.execute(
+            "SELECT * FROM issues WHERE schedule = ? AND number = ?", (schedule, number)
+        ).fetchone()
+        return issue_row(row) if row else None
+
+    def issues(self, schedule: str, limit: int = 5) -> list[Issue]:
+        rows = self.execute(
+            "SELECT * FROM issues WHERE schedule = ? ORDER BY number DESC LIMIT ?", (schedule, limit)
+        ).fetchall()
+        return [issue_row(r) for r in rows]
+
+    def unfinished_issues(self, schedule: str) -> list[Issue]:
+        rows = self.execute(
+            "SELECT * FROM issues WHERE schedule = ? AND status = ? ORDER BY number",
+            (schedule, IssueStatus.SENDING),
+        ).fetchall()
+        return [issue_row(r) for r in rows]
+
+    def record_delivery(self, issue_id: int, recipient: str, status: DeliveryStatus, error: str = "") -> None:
+        # One autocommitted statement per delivery: the ledger is never behind the wire by
+        # more than the message in flight.
+        self.execute(
+            "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
+            " updated_at = ? WHERE issue_id = ? AND recipient = ?",
+            (status, error, iso(now()), issue_id, recipient),
+        )
+
+    def skip_delivery(self, issue_id: int, recipient: str, reason: str) -> None:
+        self.execute(
+            "UPDATE deliveries SET status = ?, last_error = ?, updated_at = ?"
+            " WHERE issue_id = ? AND recipient = ?",
+            (DeliveryStatus.SKIPPED, reason, iso(now()), issue_id, recipient),
+        )
+
+    def finish_issue_if_done(self, issue_id: int) -> bool:
+        cur = self.execute(
+            "UPDATE issues SET status = ? WHERE id = ? AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries WHERE issue_id = ? AND status = ?)",
+            (IssueStatus.COMPLETE, issue_id, issue_id, DeliveryStatus.PENDING),
+        )
+        return cur.rowcount > 0
+
+    def delivery_counts(self, issue_id: int) -> DeliveryCounts:
+        rows = self.execute(
+            "SELECT status, COUNT(*) AS n FROM deliveries WHERE issue_id = ? GROUP BY status",
+            (issue_id,),
+        ).fetchall()
+        return DeliveryCounts(**{DeliveryStatus(r["status"]).value: r["n"] for r in rows})
+
+    def recent_sends(self, issue_id: int, since: datetime) -> int:
+        row = self.execute(
+            "SELECT COUNT(*) AS n FROM deliveries WHERE issue_id = ? AND status = ? AND updated_at >= ?",
+            (issue_id, DeliveryStatus.SENT, iso(since)),
+        ).fetchone()
+        return int(row["n"])
+
+    def suppress(self, list_name: str, address: str, source: str) -> bool:
+        """Record an unsubscribe; False when the address was already suppressed."""
+        cur = self.execute(
+            "INSERT INTO suppressions (list_name, address, created_at, source) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (list_name, address.lower(), iso(now()), source),
+        )
+        return cur.rowcount > 0
+
+    def suppressed(self, list_name: str) -> list[Suppression]:
+        rows = self.execute(
+            "SELECT address, created_at, source FROM suppressions WHERE list_name = ? ORDER BY address",
+            (list_name,),
+        ).fetchall()
+        return [Suppression(r["address"], datetime.fromisoformat(r["created_at"]), r["source"]) for r in rows]
+
+    def queue_post(self, target: str, item_id: str, schedule: str, kind: PostKind, ref: int) -> int:
+        stamp = iso(now())
+        cur = self.execute(
+            "INSERT INTO posts (target, item_id, schedule, kind, ref, status, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (target, item_id, schedule, kind, ref, PostStatus.PENDING, stamp, stamp),
+        )
+        return cur.rowcount
+
+    def record_post(
+        self, target: str, item_id: str, status: PostStatus, error: str = "", location: str = ""
+    ) -> None:
+        self.execute(
+            "UPDATE posts SET status = ?, attempts = attempts + 1, last_error = ?, location = ?,"
+            " updated_at = ? WHERE target = ? AND item_id = ?",
+            (status, error, location, iso(now()), target, item_id),
+        )
+
+    def post_counts(self, target: str, schedule: str) -> PostCounts:
+        rows = self.execute(
+            "SELECT status, COUNT(*) AS n FROM posts WHERE target = ? AND schedule = ? GROUP BY status",
+            (target, schedule),
+        ).fetchall()
+        return PostCounts(**{PostStatus(r["status"]).value: r["n"] for r in rows})
+
+    def disable_target(self, name: str, reason: str, fingerprint: str) -> None:
+        self.execute(
+            "INSERT INTO targets (name, reason, fingerprint, disabled_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET reason = excluded.reason,"
+            " fingerprint = excluded.fingerprint, disabled_at = excluded.disabled_at",
+            (name, reason, fingerprint, iso(now())),
+        )
+
+    def disabled_target(self, name: str) -> DisabledTarget | None:
+        row = self.execute("SELECT reason, fingerprint FROM targets WHERE name = ?", (name,)).fetchone()
+        return DisabledTarget(str(row["reason"]), str(row["fingerprint"])) if row else None
+
+    def enable_target(self, name: str) -> None:
+        self.execute("DELETE FROM targets WHERE name = ?", (name,))
+
+    def acquire_lock(self, name: str, owner: str, ttl: float, *, dead: str | None = None) -> str | None:
+        """Take the lock, or return who holds it. A lock past its ``ttl`` is free; one held by
+        ``dead`` (a holder the caller found gone) is taken over if that one still holds it."""
+        stamp = now()
+        with self.transaction():
+            row = self.execute("SELECT owner, expires_at FROM locks WHERE name = ?", (name,)).fetchone()
+            if (
+                row
+                and row["owner"] not in (owner, dead)
+                and datetime.fromisoformat(row["expires_at"]) > stamp
+            ):
+                return str(row["owner"])
+            self.execute(
+                "INSERT INTO locks (name, owner, acquired_at, expires_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                " acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
+                (name, owner, iso(stamp), iso(stamp + timedelta(seconds=ttl))),
+            )
+            return None
+
+    def refresh_lock(self, name: str, owner: str, ttl: float) -> None:
+        self.execute(
+            "UPDATE locks SET expires_at = ? WHERE name = ? AND owner = ?",
+            (iso(now() + timedelta(seconds=ttl)), name, owner),
+        )
+
+    def release_lock(self, name: str, owner: str) -> None:
+        self.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
