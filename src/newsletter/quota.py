@@ -126,7 +126,9 @@ class QuotaReached(Exception):
 
 
 def _hour(when: datetime) -> datetime:
-    return when.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    if when.tzinfo is not UTC:
+        when = when.astimezone(UTC)
+    return when.replace(minute=0, second=0, microsecond=0)
 
 
 def day_used(buckets: Iterable[tuple[datetime, int]], now: datetime) -> int:
@@ -297,9 +299,19 @@ class Pacer:
         """``n`` messages went out: they count against the day (the caller also writes them
         to the store with ``count_sent``), and settle their turns' reservations."""
         with self._lock:
-            hour = _hour(self._wall())
-            self._day[hour] = self._day.get(hour, 0) + n
-            self._settle(n)
+            self._count(n)
+
+    def accepted(self) -> None:
+        """``sent()`` and ``ok()`` of one message the server took, under one lock: it runs
+        once a message on a lane's thread."""
+        with self._lock:
+            self._count(1)
+            self._climb()
+
+    def _count(self, n: int) -> None:
+        hour = _hour(self._wall())
+        self._day[hour] = self._day.get(hour, 0) + n
+        self._settle(n)
 
     def release(self, n: int = 1) -> None:
         """``n`` turns taken were not used (the message was refused, the connection lost)."""
@@ -337,15 +349,20 @@ class Pacer:
     def ok(self) -> None:
         """A message was accepted: climb a step back towards the configured rate."""
         with self._lock:
-            now = self._clock()
-            if self._last_refusal is not None and now - self._last_refusal >= self.quiet:
-                self._backoff = min(1.0, self.max_hold)
-            if self._rate is None or self._target is None or self._rate >= self._target:
-                return
-            self._rate += self._target / self.steps
-            if self._rate >= self._target:
-                # Back where it was: the configured rate, or no limit at all if none was set.
-                self._rate = self._target = self._base
+            self._climb()
+
+    def _climb(self) -> None:
+        if self._last_refusal is None and self._rate == self._target:
+            return  # never refused, or climbed all the way back: nothing to do
+        now = self._clock()
+        if self._last_refusal is not None and now - self._last_refusal >= self.quiet:
+            self._backoff = min(1.0, self.max_hold)
+        if self._rate is None or self._target is None or self._rate >= self._target:
+            return
+        self._rate += self._target / self.steps
+        if self._rate >= self._target:
+            # Back where it was: the configured rate, or no limit at all if none was set.
+            self._rate = self._target = self._base
 
     def _observed(self, now: float) -> float:
         """Messages per second over the last OBSERVE seconds of turns (1 if there were none)."""

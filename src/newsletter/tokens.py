@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
@@ -17,6 +18,10 @@ class TokenError(Exception):
 class _Signer(TimestampSigner):
     """Derives the signing key once, not once per token: an HMAC less for every subscriber.
     ``derive_key`` is the hook itsdangerous documents for overriding key derivation."""
+
+    # The same SHA-1 as itsdangerous's default, which wraps it in a Python function, and
+    # hmac then falls back to its pure-Python HMAC (two hash objects a token) for it.
+    default_digest_method = staticmethod(hashlib.sha1)
 
     def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
         if secret_key is not None:

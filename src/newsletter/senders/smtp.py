@@ -125,10 +125,8 @@ class _Pace(Pacing):
         return self.pacer.throttled()
 
     def ok(self) -> None:
-        with self.lock:
-            self.since = None
-        self.pacer.sent()
-        self.pacer.ok()
+        self.since = None  # one reference written: atomic, no lock needed
+        self.pacer.accepted()
 
     def exhausted(self) -> bool:
         since = self.since
