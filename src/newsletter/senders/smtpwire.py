@@ -34,6 +34,7 @@ from ..errors import DeliveryError, PermanentFailure, TemporaryFailure
 from . import Feed, Job
 
 DOT = b".\r\n"
+_MAXLINE = 8192  # smtplib's limit on a reply line (its _MAXLINE)
 _LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
 # Replies that mean "slower, please", not "not this reader": Amazon SES's "454 Throttling
 # failure: Maximum sending rate exceeded", and a 421/451/452 that says it is about a rate
@@ -443,14 +444,14 @@ def _reply(conn: smtplib.SMTP) -> tuple[int, bytes]:
     lines: list[bytes] = []
     while True:
         try:
-            line = file.readline(smtplib._MAXLINE + 1)
+            line = file.readline(_MAXLINE + 1)
         except OSError as exc:
             conn.close()
             raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from None
         if not line:
             conn.close()
             raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
-        if len(line) > smtplib._MAXLINE:
+        if len(line) > _MAXLINE:
             conn.close()
             raise smtplib.SMTPResponseException(500, "Line too long.")
         lines.append(line[4:].strip(b" \t\r\n"))
