@@ -236,7 +236,7 @@ def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, forc
             f" {item.html_bytes / 1024:.0f} KB HTML; {verb} {item.sent}, pending {item.pending},"
             f" failed {item.failed}"
             + (f", skipped {item.skipped}" if item.skipped else "")
-            + ("" if item.complete or to or dry_run else " (unfinished: run again to retry)")
+            + _unfinished(item, bool(to or dry_run))
         )
         for recipient, reply in item.errors:
             click.echo(f"  {_safe(recipient)}: {_safe(reply)}", err=True)
@@ -251,6 +251,16 @@ def send_digest(state: State, schedule: str, dry_run: bool, to: str | None, forc
             click.echo(f"expected to finish {report.finish:%Y-%m-%d %H:%M %Z}")
         sys.exit(EX_TEMPFAIL)
     sys.exit(0 if report.ok else 1)
+
+
+def _unfinished(item: digest.IssueReport, outside_ledger: bool) -> str:
+    if item.complete or outside_ledger:
+        return ""
+    if item.pending and item.pending == item.elsewhere:
+        return " (the rest is being sent by another process)"
+    if item.elsewhere:
+        return f" ({item.elsewhere} being sent by another process; run again to retry the rest)"
+    return " (unfinished: run again to retry)"
 
 
 @main.command()
@@ -291,16 +301,20 @@ def status(state: State, schedule: str | None) -> None:
                 )
 
 
-@main.command()
-@click.option(
+LOG_FORMAT = click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
     help="One line per event, as text or JSON.",
 )
-@click.option(
+RELOAD = click.option(
     "--reload", "watch", is_flag=True, help="Reread schedules.yaml whenever it changes (as on SIGHUP)."
 )
+
+
+@main.command()
+@LOG_FORMAT
+@RELOAD
 @click.pass_obj
 def run(state: State, log_format: str, watch: bool) -> None:
     """Run the schedules until SIGTERM or SIGINT; SIGHUP rereads the configuration."""
@@ -308,6 +322,18 @@ def run(state: State, log_format: str, watch: bool) -> None:
 
     setup_logging(log_format)
     Daemon(state.config_path, watch=watch).run()
+
+
+@main.command()
+@LOG_FORMAT
+@RELOAD
+@click.pass_obj
+def worker(state: State, log_format: str, watch: bool) -> None:
+    """Only deliver: help send the issues that daemons on the same database build."""
+    from .daemon import Daemon, setup_logging
+
+    setup_logging(log_format)
+    Daemon(state.config_path, watch=watch, worker=True).run()
 
 
 @main.command()

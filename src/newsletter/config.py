@@ -107,6 +107,16 @@ class ShareSettings(Strict):
         return value
 
 
+class BatchSettings(Strict):
+    """How processes sharing one database split an issue's deliveries between them."""
+
+    size: int = Field(200, ge=1, le=10000)  # deliveries a process claims at a time
+    # A process that stops renewing (killed, cut off) gives its batch up after this long.
+    lease: Duration = Field(timedelta(seconds=30), ge=timedelta(seconds=2))
+    # How often a daemon looks for an issue another daemon started, to help send it.
+    join_every: Duration = timedelta(seconds=5)
+
+
 class UtmSettings(Strict):
     """utm_* tags added to article links (existing query strings are kept byte for byte)."""
 
@@ -230,6 +240,7 @@ class Settings(Strict):
     # "database is locked": long enough for a daemon job and a CLI run to take turns.
     busy_timeout: Duration = Field(timedelta(seconds=30), gt=timedelta(0))
     fetch: FetchSettings = FetchSettings()
+    batches: BatchSettings = BatchSettings()
     senders: dict[str, dict[str, Any]]
     schedules: dict[str, Schedule] = Field(min_length=1)
 

@@ -1,11 +1,16 @@
 """``newsletter run``: the schedules in schedules.yaml, run by APScheduler until told to stop.
 
-Three kinds of job: one poller that fetches each feed when it is due, one digest job per
-schedule with a ``when:`` (which pulls its own feeds first, for ``fetch.digest_timeout``
-seconds at most, so a slow feed is used as stored and never delays a send), and one retry
-job per schedule for deliveries a server deferred. Jobs run in threads at once: each opens
-its own ``RunContext`` (a store, its own sender instances) and shares nothing live with the
-others; the Config they read is inert.
+Jobs: one poller that fetches each feed when it is due, one digest job per schedule with a
+``when:`` (which pulls its own feeds first, for ``fetch.digest_timeout`` seconds at most, so
+a slow feed is used as stored and never delays a send), a retry job per schedule for
+deliveries a server deferred, and a join job per schedule that helps send an issue another
+daemon started. Jobs run in threads at once: each opens its own ``RunContext`` (a store, its
+own sender instances) and shares nothing live with the others; the Config they read is inert.
+
+Any number of daemons may share one database (PostgreSQL, on several hosts): each due time,
+poll and post round fires once across all of them (``Storage.claim_fire``), and every one of
+them sends its share of an issue in leased batches (``claims``). ``newsletter worker`` runs
+only the retry and join jobs: a process that delivers and does nothing else.
 SIGTERM/SIGINT stop between two messages and exit 0; SIGHUP rereads the configuration and
 keeps the old one when the new one is bad.
 """
@@ -15,12 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import threading
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from . import digest, social
@@ -31,10 +38,11 @@ from .feeds import fetch_all
 from .model import FetchStatus
 from .redact import redact
 from .sanitize import printable
-from .schedule import format_duration, missed_run
+from .schedule import fire_times, format_duration, missed_run
 
 log = logging.getLogger("newsletter")
 POLL_TICK = timedelta(seconds=30)  # how often the poller looks for feeds that are due
+HOST = socket.gethostname()  # who fired a due time, for the fires table
 LOCK_WAIT = 300.0  # a digest job waits this long for a hand-started send of the same schedule
 
 
@@ -80,9 +88,10 @@ def setup_logging(log_format: str) -> None:
 
 
 class Daemon:
-    def __init__(self, config_path: str | None, watch: bool = False) -> None:
+    def __init__(self, config_path: str | None, watch: bool = False, worker: bool = False) -> None:
         self.config_path = config_path
         self.watch = watch
+        self.worker = worker  # deliver only: no polling, building or posting
         self.config: Config = load_config(config_path)
         self.stop = threading.Event()
         self.reload = threading.Event()
@@ -90,8 +99,10 @@ class Daemon:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def poll_feeds(self) -> None:
+    def poll_feeds(self, tick: timedelta | None = None) -> None:
         config = self.config
+        if tick is not None and not self._claim("poll", slot(datetime.now(UTC), tick)):
+            return  # another daemon polls in this round
         with RunContext.open(config, stop=self.stop) as ctx:
             store = ctx.store
             now = ctx.clock()
@@ -118,7 +129,25 @@ class Daemon:
                     log.warning(report.error, extra={"event": "feed-error"})
             log.info("polled feeds", extra={"event": "poll", "feeds": len(due), "new": new, "errors": errors})
 
-    def send(self, name: str, *, build: bool = True) -> None:
+    def fire(self, name: str) -> None:
+        """The digest job: the one daemon that wins this due time builds and sends; the others
+        help send it (the issue may not be built yet: their join jobs look again)."""
+        trigger = self.config.trigger(name)
+        due = latest_fire(trigger, datetime.now(UTC)) if trigger is not None else None
+        if due is not None and not self._claim(f"digest:{name}", due):
+            log.info(
+                f"the digest due at {due:%Y-%m-%d %H:%M:%S} UTC was fired by another daemon",
+                extra={"event": "fired-elsewhere", "schedule": name},
+            )
+            self.send(name, build=False, join=True)
+            return
+        self.send(name)
+
+    def _claim(self, job: str, due: datetime) -> bool:
+        with self.config.open_store() as store:
+            return store.claim_fire(job, due, HOST)
+
+    def send(self, name: str, *, build: bool = True, join: bool = False) -> None:
         if self.stop.is_set():
             return
         config = self.config
@@ -132,11 +161,14 @@ class Daemon:
                     fetch_feeds=build,
                     fetch_timeout=config.settings.fetch.digest_timeout,
                     build=build,
+                    join=join,
                     wait=LOCK_WAIT,
                 )
         except BusyError as exc:
             log.warning(str(exc), extra={"event": "busy", "schedule": name})
             return
+        if join and not any(i.sent_here or i.refused for i in report.issues) and not report.aborted:
+            return  # nothing was free to help with: every few seconds, not worth a line
         for feed in report.feeds:
             if feed.status == FetchStatus.ERROR:
                 log.warning(
@@ -146,10 +178,16 @@ class Daemon:
         for warning in report.warnings:
             log.warning(warning, extra={"event": "warning", "schedule": name})
         for item in report.issues:
+            if item.refused:
+                log.warning(
+                    f"{item.refused} outcome(s) came in after this daemon's lease had run out;"
+                    " not written: another process holds those deliveries now",
+                    extra={"event": "lease-lost", "schedule": name, "issue": item.number},
+                )
             log.info(
                 item.subject,
                 extra={
-                    "event": "digest" if build else "retry",
+                    "event": "digest" if build else "join" if join else "retry",
                     "schedule": name,
                     "issue": item.number,
                     "sent": item.sent,
@@ -169,9 +207,11 @@ class Daemon:
             finish = f"; expected to finish {report.finish:%Y-%m-%d %H:%M %Z}" if report.finish else ""
             log.info(report.paused + finish, extra={"event": "paused", "schedule": name})
 
-    def post(self, name: str) -> None:
+    def post(self, name: str, every: timedelta | None = None) -> None:
         if self.stop.is_set():
             return
+        if every is not None and not self._claim(f"post:{name}", slot(datetime.now(UTC), every)):
+            return  # another daemon posts in this round
         try:
             with RunContext.open(self.config, stop=self.stop) as ctx:
                 reports = social.post_new(ctx, name, wait=LOCK_WAIT)
@@ -218,14 +258,16 @@ class Daemon:
             + [config.feed_interval(config.feed_url(f)) for s in config.schedules.values() for f in s.feeds]
         )
         tick = min(POLL_TICK, shortest)
-        self.scheduler.add_job(
-            self._job("poll", self.poll_feeds),
-            IntervalTrigger(seconds=tick.total_seconds(), timezone=UTC),
-            id="poll",
-            max_instances=1,
-            coalesce=True,
-            next_run_time=datetime.now(UTC),
-        )
+        join = config.settings.batches.join_every
+        if not self.worker:
+            self.scheduler.add_job(
+                self._job("poll", self.poll_feeds, tick),
+                IntervalTrigger(seconds=tick.total_seconds(), timezone=UTC),
+                id="poll",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=datetime.now(UTC),
+            )
         store = config.open_store()
         try:
             for name, schedule in config.schedules.items():
@@ -238,9 +280,18 @@ class Daemon:
                     max_instances=1,
                     coalesce=True,
                 )
+                self.scheduler.add_job(
+                    self._job(f"join:{name}", self.send, name, build=False, join=True),
+                    IntervalTrigger(seconds=join.total_seconds()),
+                    id=f"join:{name}",
+                    max_instances=1,
+                    coalesce=True,
+                )
+                if self.worker:
+                    continue
                 if any(t.each == "article" for t in schedule.post):
                     self.scheduler.add_job(
-                        self._job(f"post:{name}", self.post, name),
+                        self._job(f"post:{name}", self.post, name, schedule.post_every),
                         IntervalTrigger(seconds=schedule.post_every.total_seconds()),
                         id=f"post:{name}",
                         max_instances=1,
@@ -250,7 +301,7 @@ class Daemon:
                 if trigger is None:
                     continue
                 self.scheduler.add_job(
-                    self._job(f"digest:{name}", self.send, name),
+                    self._job(f"digest:{name}", self.fire, name),
                     trigger,
                     id=f"digest:{name}",
                     max_instances=1,
@@ -318,7 +369,8 @@ class Daemon:
         self.scheduler.start(paused=True)
         self.schedule_jobs()
         self.scheduler.resume()
-        log.info(f"started with {self.config.path}", extra={"event": "start"})
+        kind = "as a worker (delivering only) " if self.worker else ""
+        log.info(f"started {kind}with {self.config.path}", extra={"event": "start"})
         mtime = self._mtime()
         while not self.stop.wait(0.2):
             if self.watch and self._mtime() != mtime:
@@ -330,6 +382,23 @@ class Daemon:
         log.info("stopping: finishing the message in flight", extra={"event": "stop"})
         self.scheduler.shutdown(wait=True)
         log.info("stopped", extra={"event": "stop"})
+
+
+def latest_fire(trigger: BaseTrigger, now: datetime) -> datetime | None:
+    """The due time a trigger's job is running for: its latest fire time at or before now
+    (looked for in widening windows, so an every-second schedule costs 60 steps, not 86,400)."""
+    for back in (60, 3600, 86400, 40 * 86400):
+        times = fire_times(trigger, now - timedelta(seconds=back), now, limit=100_000)
+        if times:
+            return times[-1]
+    return None
+
+
+def slot(now: datetime, every: timedelta) -> datetime:
+    """The start of the round of length ``every`` that ``now`` falls in, counted from the
+    epoch: the same round for every daemon, whenever each started."""
+    seconds = every.total_seconds()
+    return datetime.fromtimestamp(now.timestamp() // seconds * seconds, UTC)
 
 
 def _cause(exc: BaseException) -> str:

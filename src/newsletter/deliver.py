@@ -61,6 +61,7 @@ class Attempt:
     attempts: int  # how many times it was tried before
     label: str  # how errors name it: the recipient, or the post's title
     message: Outgoing | None = None  # for a sender with lanes: what ``send`` would send
+    valid: Callable[[], bool] | None = None  # False: it must not go after all (``Job.valid``)
 
 
 @dataclass
@@ -201,13 +202,17 @@ class _Feed:
 
     def take(self, wait: bool) -> Job | None:
         with self.cv:
-            while not self.work:
-                # Closed, but another lane still holds messages: it may give them back.
-                if not wait or self.stop.is_set() or (self.closed and not self.held):
-                    return None
-                self.cv.wait()
-            self.held += 1
-            return self.work.popleft()
+            while True:
+                while not self.work:
+                    # Closed, but another lane still holds messages: it may give them back.
+                    if not wait or self.stop.is_set() or (self.closed and not self.held):
+                        return None
+                    self.cv.wait()
+                job = self.work.popleft()
+                if job.valid is None or job.valid():
+                    self.held += 1
+                    return job
+                self.events.put(("back", [job]))  # no longer ours to send: it stays pending
 
     def done(self, job: Job, error: Exception | None) -> None:
         with self.cv:
@@ -385,7 +390,7 @@ def _fill(
         ref = _Ref(item, attempt)
         feed.out.add(ref)
         feed.handed += 1
-        jobs.append(Job(attempt.message, ref))
+        jobs.append(Job(attempt.message, ref, attempt.valid))
     feed.put(jobs)
     return False
 

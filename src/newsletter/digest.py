@@ -10,6 +10,7 @@ module says in what order they run, and is the one that syncs a subscriber list.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from .build import IssueBuilder
+from .claims import Claims
 from .config import FetchSettings
 from .context import RunContext
 from .deliver import Attempt, Outcome, Unsendable, deliver, deliver_lanes
@@ -72,6 +74,9 @@ class IssueReport:
     complete: bool = False
     stopped: str = ""  # why the send of this issue stopped part-way
     paused: str = ""  # a send window or a quota: why the rest waits, and until when
+    refused: int = 0  # outcomes not written: this process's lease had run out (it was paused)
+    elsewhere: int = 0  # of the pending, those another process is sending now
+    sent_here: int = 0  # sent by this run (``sent`` counts every process's)
 
 
 @dataclass
@@ -88,7 +93,8 @@ class DigestReport:
 
     @property
     def ok(self) -> bool:
-        return not self.aborted and not any(i.failed or i.pending for i in self.issues)
+        # What another process is sending is not left undone.
+        return not self.aborted and not any(i.failed or i.pending > i.elsewhere for i in self.issues)
 
 
 def fetch(
@@ -159,14 +165,27 @@ class _Send:
             list_name=b.list_name if ledger else None,
         )
 
-    def pending(self, issue: Issue) -> Iterator[Pending]:
-        """Every delivery of the issue still to be made, fetched a page at a time."""
-        after = ""
-        while page := self.builder.store.pending(issue.id, self.builder.list_name, after):
-            yield from page
-            after = page[-1].recipient
+    def deliver(self, issue: Issue, sender: Sender, fresh_only: bool = False) -> IssueReport:
+        """Send this process's share of the issue: batches claimed until none is left (with
+        ``fresh_only``, of deliveries never tried: what the join job helps with)."""
+        b, store = self.builder, self.builder.store
+        bs = self.ctx.config.settings.batches
+        claims = Claims(
+            store, issue.id, b.list_name, size=bs.size, lease=bs.lease.total_seconds(), fresh_only=fresh_only
+        )
+        try:
+            report = self._deliver(issue, sender, claims)
+        finally:
+            claims.release()
+        report.refused = claims.refused
+        report.complete = store.finish_issue_if_done(issue.id)
+        counts = store.delivery_counts(issue.id)
+        report.sent, report.failed = counts.sent, counts.failed
+        report.pending, report.skipped = counts.pending, counts.skipped
+        report.elsewhere = counts.held  # ours are released: the batches left are others'
+        return report
 
-    def deliver(self, issue: Issue, sender: Sender) -> IssueReport:
+    def _deliver(self, issue: Issue, sender: Sender, claims: Claims) -> IssueReport:
         b, store = self.builder, self.builder.store
         skeleton = b.skeleton(issue)
         report = IssueReport(
@@ -176,6 +195,9 @@ class _Send:
 
         def prepare(item: Pending) -> Attempt | None:
             key, sub = item.recipient, item.subscriber
+            claims.renew()
+            if not claims.usable(key):
+                return None  # its batch's lease ran out while we were away: another's now
             # Unsubscribed addresses are skipped even while they are still in the CSV.
             if sub is None or item.suppressed:
                 why = "unsubscribed" if item.suppressed else f"not in {self.subscribers.path.name}"
@@ -187,14 +209,19 @@ class _Send:
             except ValueError as exc:  # a value that cannot go into a header, say
                 raise Unsendable(sub.email, f"cannot build the message: {exc}") from None
             out = Outgoing(skeleton.envelope_from, sub.email, message_id, data, label, dot_safe=True)
-            return Attempt(lambda: sender.send(out), item.attempts, sub.email, out)
+            valid = functools.partial(claims.usable, key)
+            return Attempt(lambda: sender.send(out), item.attempts, sub.email, out, valid)
 
-        sent_now = [0]
+        sent_now = [0, 0]  # sent since the last count_sent; sent by this run in all
 
         def record(item: Pending, outcome: Outcome, error: str, where: str) -> None:
-            store.record_delivery(issue.id, item.recipient, DeliveryStatus(outcome), error)
-            if outcome == Outcome.SENT:
+            batch = claims.batch_of(item.recipient)
+            if not store.record_delivery(issue.id, item.recipient, DeliveryStatus(outcome), error, batch):
+                claims.refused += 1  # our lease ran out: the row is another's, who sends it
+            elif outcome == Outcome.SENT:
                 sent_now[0] += 1
+                sent_now[1] += 1
+            claims.renew()
 
         @contextlib.contextmanager
         def batch() -> Iterator[None]:
@@ -208,7 +235,7 @@ class _Send:
         hold = WindowHold(b.schedule.window(self.ctx.config.settings.timezone), self.ctx.clock)
         if sender.lanes():
             run = deliver_lanes(
-                self.pending(issue),
+                claims.rows(),
                 prepare,
                 record,
                 sender,
@@ -220,7 +247,7 @@ class _Send:
             )
         else:
             run = deliver(
-                self.pending(issue),
+                claims.rows(),
                 prepare,
                 record,
                 max_attempts=b.schedule.max_attempts,
@@ -234,10 +261,7 @@ class _Send:
         report.paused = run.paused
         # The sender cannot go on: this message and the rest stay pending.
         report.stopped = run.aborted or run.gone or run.unavailable or run.paused
-        report.complete = store.finish_issue_if_done(issue.id)
-        counts = store.delivery_counts(issue.id)
-        report.sent, report.failed = counts.sent, counts.failed
-        report.pending, report.skipped = counts.pending, counts.skipped
+        report.sent_here = sent_now[1]
         return report
 
 
@@ -256,6 +280,7 @@ def send_digest(
     fetch_feeds: bool = True,
     fetch_timeout: float | None = None,
     build: bool = True,
+    join: bool = False,
     wait: float = 0.0,
     progress: Progress | None = None,
     on_issue: Callable[[int], None] | None = None,
@@ -265,9 +290,12 @@ def send_digest(
     ``dry_run`` writes every message to the outbox and changes no state; ``to`` sends the next
     issue to one address through the schedule's sender, outside the ledger. The daemon passes
     ``fetch_timeout`` (a feed slower than that is used as stored, and named in ``feeds``),
-    ``build=False`` for its retry runs, and a context with a ``stop`` event, which ends the
-    send between two messages, the rest left pending.
-    Another process sending the same schedule is waited for ``wait`` seconds, then BusyError.
+    ``build=False`` for its retry runs (``join=True`` too for its join runs, which send only
+    deliveries never tried), and a context with a ``stop`` event, which ends the send between
+    two messages, the rest left pending.
+    Every process sending a schedule's unfinished issues shares them, batch by batch; only
+    building one is one process at a time: another building it is waited for ``wait``
+    seconds, then BusyError.
     ``on_issue`` is told how many messages an issue is about to send (for a progress bar).
     """
     config, store = ctx.config, ctx.store
@@ -291,21 +319,23 @@ def send_digest(
             fs = fs.model_copy(update={"timeout": min(fs.timeout, fetch_timeout)})
         report.feeds = fetch(ctx, [name], fs)
     schedule = send.builder.schedule
-    with ScheduleLock(config.open_store, store, name, wait, ctx.stop):
-        if build:
+    if build:
+        # One builder at a time; the sending is shared (``claims``), so the lock ends here.
+        with ScheduleLock(config.open_store, store, name, wait, ctx.stop):
             store.set_last_run(name, ctx.clock())
-        issues = store.unfinished_issues(name)
-        built = send.record_issue(force) if build else None
-        if built is not None:
-            _warn_clip(send, report, built)
-            issues.append(built)
-            from . import social
+            built = send.record_issue(force)
+            if built is not None:
+                _warn_clip(send, report, built)
+                from . import social
 
-            social.queue_issue(ctx, name, built.number, built.id)
-        _deliver_all(send, report, ctx.sender(schedule.sender), issues, on_issue)
-        if any(t.each == "issue" for t in schedule.post):
-            from . import social
+                social.queue_issue(ctx, name, built.number, built.id)
+    issues = store.unfinished_issues(name)
+    _deliver_all(send, report, ctx.sender(schedule.sender), issues, on_issue, fresh_only=join)
+    if any(t.each == "issue" for t in schedule.post):
+        from . import social
 
+        # Posting is not shared: one process at a time posts what is pending.
+        with ScheduleLock(config.open_store, store, name, wait, ctx.stop):
             report.posts = social.post_pending(ctx, name)
     return report
 
@@ -316,11 +346,13 @@ def _deliver_all(
     sender: Sender,
     issues: list[Issue],
     on_issue: Callable[[int], None] | None,
+    fresh_only: bool = False,
 ) -> None:
     store = send.builder.store
-    work = [(issue, store.delivery_counts(issue.id).pending) for issue in issues]
+    # Only what no other process holds: a join finding everything taken opens no connection.
+    work = [(issue, _free(store.delivery_counts(issue.id))) for issue in issues]
     if not any(pending for _, pending in work):
-        report.issues += [send.deliver(issue, sender) for issue, _ in work]
+        report.issues += [send.deliver(issue, sender, fresh_only) for issue, _ in work]
         return
     # The sender is opened only when there is something to send: "nothing new" needs no
     # mail server, and a server that is down leaves the built issue pending for the next run.
@@ -332,7 +364,7 @@ def _deliver_all(
             for issue, pending in work:
                 if on_issue:
                     on_issue(pending)
-                item = send.deliver(issue, sender)
+                item = send.deliver(issue, sender, fresh_only)
                 report.issues.append(item)
                 if item.paused:
                     report.paused = item.paused
@@ -351,6 +383,10 @@ def _deliver_all(
         pending = sum(i.pending for i in report.issues)
         sent = sum(i.sent for i in report.issues)
         report.finish = finish_of(send.ctx, send.builder.name, pending, sent / took if sent else 0.0)
+
+
+def _free(counts: DeliveryCounts) -> int:
+    return counts.pending - counts.held
 
 
 def _preview(send: _Send, report: DigestReport, force: bool, to: str | None) -> None:

@@ -183,11 +183,26 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """A batch of an issue's deliveries claimed by one process, as the database sees it now."""
+
+    id: str  # host:pid:nonce, what its marks are fenced by
+    issue_id: int
+    host: str
+    pid: int
+    size: int  # rows claimed
+    sent: int  # of them, marked sent
+    age: float  # seconds since the claim, by the database's clock
+    lease_left: float  # seconds until the rows are anyone's again (negative: expired)
+
+
+@dataclass(frozen=True)
 class DeliveryCounts:
     sent: int = 0
     pending: int = 0
     failed: int = 0
     skipped: int = 0
+    held: int = 0  # of the pending, those a batch holds now (some process is sending them)
 
 
 # -- subscriber lists and suppressions -----------------------------------------------------------

@@ -70,7 +70,9 @@ def parse_when(text: str, tz: tzinfo | str = "UTC") -> BaseTrigger:
         seconds = int(m.group(1)) * _UNITS[m.group(2)]
         if seconds <= 0:
             raise ValueError(f"{text!r}: the interval must be positive")
-        return IntervalTrigger(seconds=seconds, timezone=tzi)
+        # Counted from a fixed start, not from when the daemon started: every daemon on one
+        # database then has the same due times (each fires once across them: ``fires``).
+        return IntervalTrigger(seconds=seconds, timezone=tzi, start_date=datetime(2000, 1, 1, tzinfo=tzi))
     if m := re.fullmatch(r"(?:daily|every day)" + _AT, spec):
         return WallClockTrigger(tzi, **at(m))
     if m := re.fullmatch(r"weekdays" + _AT, spec):

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol, Self
 
 from .model import (
+    Batch,
     DeliveryCounts,
     DeliveryStatus,
     DisabledTarget,
@@ -152,12 +153,18 @@ class Storage(Protocol):
 
     def unfinished_issues(self, schedule: str) -> list[Issue]: ...
 
-    def pending(self, issue_id: int, list_name: str, after: str = "", limit: int = 500) -> list[Pending]:
-        """The next ``limit`` deliveries still to be made, in recipient order after ``after``."""
+    def pending(
+        self, issue_id: int, list_name: str, after: str = "", limit: int = 500, batch: str | None = None
+    ) -> list[Pending]:
+        """The next ``limit`` deliveries still to be made, in recipient order after ``after``;
+        with ``batch``, only the rows that batch holds."""
         ...
 
-    def record_delivery(self, issue_id: int, recipient: str, status: DeliveryStatus, error: str = "") -> None:
-        """One attempt's outcome, committed at once (outside a transaction)."""
+    def record_delivery(
+        self, issue_id: int, recipient: str, status: DeliveryStatus, error: str = "", batch: str | None = None
+    ) -> bool:
+        """One attempt's outcome, committed at once (outside a transaction). With ``batch``
+        only while the batch still holds the row: False when it does not (nothing written)."""
         ...
 
     def skip_delivery(self, issue_id: int, recipient: str, reason: str) -> None: ...
@@ -241,6 +248,40 @@ class Storage(Protocol):
     def refresh_lock(self, name: str, owner: str, ttl: float) -> None: ...
 
     def release_lock(self, name: str, owner: str) -> None: ...
+
+    # -- several daemons: fires and batches (migration 0004), timed by the database's clock --
+
+    def claim_fire(self, job: str, fire_at: datetime, host: str, keep: timedelta = ...) -> bool:
+        """True for the one caller across every process on the database that fires ``job``
+        due at ``fire_at``."""
+        ...
+
+    def claim_batch(
+        self,
+        issue_id: int,
+        batch: str,
+        host: str,
+        pid: int,
+        *,
+        size: int,
+        lease: float,
+        after: str = "",
+        fresh_only: bool = False,
+    ) -> int:
+        """Claim up to ``size`` pending rows nobody holds, after ``after``; how many."""
+        ...
+
+    def renew_batch(self, batch: str, lease: float) -> bool:
+        """Extend the lease; False when it had run out (the batch must stop)."""
+        ...
+
+    def release_batch(self, batch: str) -> int:
+        """Give the batch's rows still pending back to anyone; how many."""
+        ...
+
+    def batches(self, issue_id: int | None = None) -> list[Batch]:
+        """The batches held now, oldest claim first."""
+        ...
 
     # -- sender usage: what a sender's daily quota counts, across restarts ----------------------
 

@@ -98,14 +98,18 @@ class SharedSql:
         ).fetchall()
         return [issue_row(r) for r in rows]
 
-    def record_delivery(self, issue_id: int, recipient: str, status: DeliveryStatus, error: str = "") -> None:
-        # One autocommitted statement per delivery: the ledger is never behind the wire by
-        # more than the message in flight.
-        self.execute(
+    def record_delivery(
+        self, issue_id: int, recipient: str, status: DeliveryStatus, error: str = "", batch: str | None = None
+    ) -> bool:
+        """Write one outcome; with ``batch``, only while that batch still holds the row (a
+        process paused past its lease finds it another's: False, nothing written)."""
+        fence = "" if batch is None else " AND claimed_by = ?"
+        cur = self.execute(
             "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
-            " updated_at = ? WHERE issue_id = ? AND recipient = ?",
-            (status, error, iso(now()), issue_id, recipient),
+            f" updated_at = ? WHERE issue_id = ? AND recipient = ?{fence}",
+            (status, error, iso(now()), issue_id, recipient, *(() if batch is None else (batch,))),
         )
+        return bool(cur.rowcount)
 
     def skip_delivery(self, issue_id: int, recipient: str, reason: str) -> None:
         self.execute(
@@ -124,10 +128,13 @@ class SharedSql:
 
     def delivery_counts(self, issue_id: int) -> DeliveryCounts:
         rows = self.execute(
-            "SELECT status, COUNT(*) AS n FROM deliveries WHERE issue_id = ? GROUP BY status",
+            "SELECT status, COUNT(*) AS n, COUNT(claimed_by) AS held FROM deliveries"
+            " WHERE issue_id = ? GROUP BY status",
             (issue_id,),
         ).fetchall()
-        return DeliveryCounts(**{DeliveryStatus(r["status"]).value: r["n"] for r in rows})
+        counts = {DeliveryStatus(r["status"]).value: int(r["n"]) for r in rows}
+        held = sum(int(r["held"]) for r in rows if r["status"] == DeliveryStatus.PENDING.value)
+        return DeliveryCounts(**counts, held=held)
 
     def recent_sends(self, issue_id: int, since: datetime) -> int:
         row = self.execute(

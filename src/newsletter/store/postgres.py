@@ -35,6 +35,7 @@ from ..model import (
     now,
 )
 from ..storage import ListReader
+from .claims import SharedClaims
 from .common import SharedSql
 from .pgdb import PgDatabase
 from .rows import entry_row, feed_row, iso, subscriber_row
@@ -63,7 +64,12 @@ def _row(r: dict[str, Any]) -> sqlite3.Row:
     return cast("sqlite3.Row", r)
 
 
-class PostgresStore(PgDatabase, SenderUsage, SharedSql):
+class PostgresStore(PgDatabase, SenderUsage, SharedClaims, SharedSql):
+    # The server's clock (not the transaction's start: a lease renewed late in a long
+    # transaction must not start in the past), whichever host asks.
+    DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+    SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+
     def __enter__(self) -> PostgresStore:
         return self
 
@@ -228,18 +234,21 @@ class PostgresStore(PgDatabase, SenderUsage, SharedSql):
                 )
         return Issue(issue_id, schedule, number, stamp, IssueStatus.SENDING, entry_ids, subject, payload)
 
-    def pending(self, issue_id: int, list_name: str, after: str = "", limit: int = 500) -> list[Pending]:
+    def pending(
+        self, issue_id: int, list_name: str, after: str = "", limit: int = 500, batch: str | None = None
+    ) -> list[Pending]:
         """The next ``limit`` deliveries still to be made, in recipient order after ``after``,
         each with the subscriber as the list has them now (None: they left the file)."""
+        held, held_by = ("", ()) if batch is None else (" AND d.claimed_by = ?", (batch,))
         found = self.execute(
             "SELECT d.recipient, d.attempts, s.email, s.name, s.fields,"
             " EXISTS (SELECT 1 FROM suppressions WHERE list_name = ? AND address = d.recipient)"
             " AS suppressed FROM deliveries d LEFT JOIN subscribers s ON s.list_name = ?"
             " AND s.generation = (SELECT generation FROM subscriber_lists WHERE name = ?)"
             " AND s.key = d.recipient"
-            " WHERE d.issue_id = ? AND d.status = ? AND d.recipient > ?"
+            f" WHERE d.issue_id = ? AND d.status = ? AND d.recipient > ?{held}"
             " ORDER BY d.recipient LIMIT ?",
-            (list_name, list_name, list_name, issue_id, DeliveryStatus.PENDING.value, after, limit),
+            (list_name, list_name, list_name, issue_id, DeliveryStatus.PENDING.value, after, *held_by, limit),
         ).fetchall()
         return [
             Pending(

@@ -1,0 +1,132 @@
+"""What several daemons on one database share: due times that fire once, and an issue's
+deliveries claimed in batches under a lease (migration 0004), the same SQL on both backends.
+
+Time here is the database's clock (``DB_NOW``), never a machine's own: two hosts whose clocks
+disagree still agree on whose lease has run out. A claim skips rows another transaction is
+claiming (``SKIP_LOCKED`` on PostgreSQL); expired leases are reaped apart from the claim, so
+the claim's search only ever looks at rows nobody holds (the ``deliveries_free`` index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from ..model import Batch, DeliveryStatus, now
+from .rows import iso
+
+_PENDING = DeliveryStatus.PENDING.value
+_SENT = DeliveryStatus.SENT.value
+
+
+class SharedClaims:
+    """Mixed into both stores; each says how its engine reads the clock and skips locks."""
+
+    DB_NOW = ""  # SQL for the database's time now, in Unix seconds
+    SKIP_LOCKED = ""  # appended to the claim's row search
+
+    if TYPE_CHECKING:
+
+        def execute(self, sql: str, args: Iterable[Any] = ()) -> Any: ...
+
+        def transaction(self, write: bool = True) -> AbstractContextManager[None]: ...
+
+    # -- due times -----------------------------------------------------------------------------
+
+    def claim_fire(self, job: str, fire_at: datetime, host: str, keep: timedelta = timedelta(days=2)) -> bool:
+        """True for the one caller, across every process on the database, that fires ``job``
+        due at ``fire_at``; False for all the others. Fires older than ``keep`` are forgotten."""
+        stamp = now()
+        with self.transaction():
+            cur = self.execute(
+                "INSERT INTO fires (job, fire_at, host, fired_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (job, fire_at) DO NOTHING",
+                (job, iso(fire_at), host, iso(stamp)),
+            )
+            won = cur.rowcount == 1
+            if won:
+                self.execute("DELETE FROM fires WHERE job = ? AND fire_at < ?", (job, iso(fire_at - keep)))
+        return won
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def claim_batch(
+        self,
+        issue_id: int,
+        batch: str,
+        host: str,
+        pid: int,
+        *,
+        size: int,
+        lease: float,
+        after: str = "",
+        fresh_only: bool = False,
+    ) -> int:
+        """Claim up to ``size`` pending deliveries of the issue that nobody holds, in
+        recipient order after ``after`` (with ``fresh_only``, only those never tried), for
+        ``lease`` seconds, as ``batch``. Returns how many; 0 leaves no batch behind."""
+        fresh = " AND attempts = 0" if fresh_only else ""
+        with self.transaction():
+            self.execute(
+                f"INSERT INTO batches (id, issue_id, host, pid, claimed_at, lease_until, size)"
+                f" VALUES (?, ?, ?, ?, {self.DB_NOW}, {self.DB_NOW} + ?, 0)",
+                (batch, issue_id, host, pid, lease),
+            )
+            claimed = self.execute(
+                "UPDATE deliveries SET claimed_by = ? WHERE issue_id = ? AND recipient IN"
+                " (SELECT recipient FROM deliveries WHERE issue_id = ? AND status = 'pending'"
+                f" AND claimed_by IS NULL AND recipient > ?{fresh} ORDER BY recipient LIMIT ?"
+                f"{self.SKIP_LOCKED})",
+                (batch, issue_id, issue_id, after, size),
+            ).rowcount
+            if claimed:
+                self.execute("UPDATE batches SET size = ? WHERE id = ?", (claimed, batch))
+            else:
+                self.execute("DELETE FROM batches WHERE id = ?", (batch,))
+        return int(claimed)
+
+    def renew_batch(self, batch: str, lease: float) -> bool:
+        """Extend the lease by ``lease`` seconds from now; False when it has run out (or was
+        reaped): the rows may be another's already, and the batch must not send on."""
+        clock = self.DB_NOW
+        cur = self.execute(
+            f"UPDATE batches SET lease_until = {clock} + ? WHERE id = ? AND lease_until > {clock}",
+            (lease, batch),
+        )
+        return bool(cur.rowcount)
+
+    def release_batch(self, batch: str) -> int:
+        """Give the batch's rows still pending back to anyone; how many."""
+        with self.transaction():
+            freed = self.execute(
+                f"UPDATE deliveries SET claimed_by = NULL WHERE claimed_by = ? AND status = '{_PENDING}'",
+                (batch,),
+            ).rowcount
+            self.execute("DELETE FROM batches WHERE id = ?", (batch,))
+        return int(freed)
+
+    def batches(self, issue_id: int | None = None) -> list[Batch]:
+        """The batches held now (of one issue, or of all), oldest claim first."""
+        where = "" if issue_id is None else " WHERE b.issue_id = ?"
+        rows = self.execute(
+            "SELECT b.id, b.issue_id, b.host, b.pid, b.size,"
+            f" {self.DB_NOW} - b.claimed_at AS age, b.lease_until - {self.DB_NOW} AS lease_left,"
+            " (SELECT COUNT(*) FROM deliveries d WHERE d.claimed_by = b.id"
+            f" AND d.status = '{_SENT}') AS sent FROM batches b{where} ORDER BY b.claimed_at, b.id",
+            () if issue_id is None else (issue_id,),
+        ).fetchall()
+        return [
+            Batch(
+                str(r["id"]),
+                int(r["issue_id"]),
+                str(r["host"]),
+                int(r["pid"]),
+                int(r["size"]),
+                int(r["sent"]),
+                float(r["age"]),
+                float(r["lease_left"]),
+            )
+            for r in rows
+        ]

@@ -1,0 +1,23 @@
+-- 0004: several daemons on one database. A due time fires once (fires), and an issue's
+-- pending deliveries are claimed in batches under a lease (batches, deliveries.claimed_by).
+CREATE TABLE fires (
+    job TEXT COLLATE "C" NOT NULL,             -- digest:NAME, poll, post:NAME
+    fire_at TEXT COLLATE "C" NOT NULL,          -- the due time, or the start of the interval's slot (UTC)
+    host TEXT NOT NULL,               -- the daemon that fired it
+    fired_at TEXT NOT NULL,
+    PRIMARY KEY (job, fire_at)
+);
+CREATE TABLE batches (
+    id TEXT COLLATE "C" PRIMARY KEY,           -- the attempt: host:pid:nonce; marks are fenced by it
+    issue_id BIGINT NOT NULL REFERENCES issues(id),
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    claimed_at DOUBLE PRECISION NOT NULL,         -- the database's clock, Unix seconds
+    lease_until DOUBLE PRECISION NOT NULL,        -- past this the rows are anyone's again
+    size INTEGER NOT NULL
+);
+ALTER TABLE deliveries ADD COLUMN claimed_by TEXT COLLATE "C";  -- batches.id while a batch holds the row
+-- Only rows nobody holds are searched for a claim; only held rows are counted for status.
+CREATE INDEX deliveries_free ON deliveries (issue_id, recipient)
+    WHERE status = 'pending' AND claimed_by IS NULL;
+CREATE INDEX deliveries_claimed ON deliveries (claimed_by) WHERE claimed_by IS NOT NULL;

@@ -1,0 +1,195 @@
+"""Fires and batches in the store (migration 0004), on both backends: what several daemons
+sharing one database rely on to fire a due time once and to split an issue between them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from newsletter import claims
+from newsletter.claims import Claims, reap
+from newsletter.model import DeliveryStatus
+from newsletter.store import Store
+from test_store import add_list
+
+T0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+HOST = socket.gethostname()
+LIST = "readers"
+
+
+@pytest.fixture
+def store(state_url: str) -> Iterator[Store]:
+    with Store(state_url, busy_timeout=5) as opened:
+        yield opened
+
+
+def issue_for(store: Store, n: int) -> int:
+    add_list(store, "readers", [f"r{i:03d}@example.com" for i in range(n)])
+    made = store.create_issue("weekly", watermark=0, entry_ids=[], subject="", payload={}, list_name=LIST)
+    return made.id
+
+
+def held(store: Store, batch: str, issue_id: int) -> list[str]:
+    return [p.recipient for p in store.pending(issue_id, "readers", limit=10_000, batch=batch)]
+
+
+# -- firing once -----------------------------------------------------------------------------
+
+
+def test_a_due_time_fires_for_one_caller_and_another_due_time_fires_again(store: Store) -> None:
+    assert store.claim_fire("digest:weekly", T0, "a") is True
+    assert store.claim_fire("digest:weekly", T0, "b") is False
+    assert store.claim_fire("digest:weekly", T0 + timedelta(minutes=1), "b") is True
+    assert store.claim_fire("digest:daily", T0, "b") is True  # another job's own due times
+
+
+def test_many_threads_racing_for_the_same_due_times_fire_each_once(state_url: str) -> None:
+    won: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def daemon(n: int) -> None:
+        with Store(state_url, busy_timeout=30) as mine:
+            for minute in range(15):
+                if mine.claim_fire("digest:weekly", T0 + timedelta(minutes=minute), f"host{n}"):
+                    with lock:
+                        won.append((minute, n))
+
+    threads = [threading.Thread(target=daemon, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(m for m, _ in won) == list(range(15))
+
+
+def test_old_fires_are_forgotten_as_new_ones_come(store: Store) -> None:
+    store.claim_fire("poll", T0, "a")
+    store.claim_fire("poll", T0 + timedelta(days=3), "a")
+    # Forgotten: the same old time could fire again (nobody asks for one that old).
+    assert store.claim_fire("poll", T0, "b") is True
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+def test_batches_split_the_pending_rows_with_no_row_in_two(store: Store) -> None:
+    issue = issue_for(store, 25)
+    sizes = [store.claim_batch(issue, f"b{n}", HOST, 1, size=10, lease=30) for n in range(4)]
+    assert sizes == [10, 10, 5, 0]
+    rows = [held(store, f"b{n}", issue) for n in range(3)]
+    assert sum(len(r) for r in rows) == 25
+    assert len({r for batch in rows for r in batch}) == 25
+    assert [b.id for b in store.batches(issue)] == ["b0", "b1", "b2"]  # an empty claim leaves none
+    assert store.delivery_counts(issue).held == 25
+
+
+def test_a_mark_is_written_only_while_the_batch_holds_the_row(store: Store) -> None:
+    issue = issue_for(store, 3)
+    store.claim_batch(issue, "old", HOST, 1, size=3, lease=30)
+    first, second, third = held(store, "old", issue)
+    assert store.record_delivery(issue, first, DeliveryStatus.SENT, "", "old") is True
+    store.release_batch("old")  # as a reaper does once the lease has run out
+    store.claim_batch(issue, "new", HOST, 2, size=3, lease=30)
+    assert held(store, "new", issue) == [second, third]  # the sent row is nobody's to claim
+    assert store.record_delivery(issue, second, DeliveryStatus.SENT, "", "old") is False
+    assert store.record_delivery(issue, second, DeliveryStatus.SENT, "", "new") is True
+    counts = store.delivery_counts(issue)
+    assert (counts.sent, counts.pending) == (2, 1)
+
+
+def test_a_lease_runs_out_by_the_database_clock_and_cannot_be_renewed_after(store: Store) -> None:
+    issue = issue_for(store, 2)
+    store.claim_batch(issue, "b", HOST, os.getpid(), size=2, lease=1)
+    (batch,) = store.batches(issue)
+    assert 0 < batch.lease_left <= 1 and batch.age >= 0
+    assert store.renew_batch("b", 1) is True
+    time.sleep(1.3)
+    assert store.batches(issue)[0].lease_left < 0
+    assert store.renew_batch("b", 30) is False
+
+
+def test_a_fresh_only_claim_leaves_the_rows_already_tried(store: Store) -> None:
+    issue = issue_for(store, 4)
+    store.claim_batch(issue, "b", HOST, 1, size=2, lease=30)
+    for r in held(store, "b", issue):
+        store.record_delivery(issue, r, DeliveryStatus.PENDING, "451 later", "b")
+    store.release_batch("b")
+    assert store.claim_batch(issue, "join", HOST, 1, size=10, lease=30, fresh_only=True) == 2
+    assert store.claim_batch(issue, "retry", HOST, 1, size=10, lease=30) == 2
+
+
+def test_status_counts_what_each_batch_has_sent(store: Store) -> None:
+    issue = issue_for(store, 5)
+    store.claim_batch(issue, "b", "elsewhere", 7, size=5, lease=30)
+    for r in held(store, "b", issue)[:3]:
+        store.record_delivery(issue, r, DeliveryStatus.SENT, "", "b")
+    (batch,) = store.batches()
+    assert (batch.host, batch.pid, batch.size, batch.sent) == ("elsewhere", 7, 5, 3)
+
+
+# -- reaping, and a run's claims (newsletter.claims) -------------------------------------------
+
+
+def test_a_batch_of_a_dead_process_on_this_host_is_reaped_at_once(store: Store) -> None:
+    issue = issue_for(store, 4)
+    script = "import os; print(os.getpid())"
+    gone = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    store.claim_batch(issue, "dead", HOST, int(gone.stdout), size=2, lease=300)
+    store.claim_batch(issue, "remote", "another-host", 1, size=2, lease=300)  # alive until it expires
+    assert reap(store, issue) == 2
+    assert [b.id for b in store.batches(issue)] == ["remote"]
+
+
+def test_claims_share_an_issue_and_release_what_they_did_not_send(store: Store) -> None:
+    issue = issue_for(store, 30)
+    one = Claims(store, issue, "readers", size=8, lease=30)
+    two = Claims(store, issue, "readers", size=8, lease=30)
+    a, b = one.rows(), two.rows()
+    seen = []
+    for _ in range(8):
+        seen += [next(a).recipient, next(b).recipient]
+    for recipient in seen:
+        who = one.batch_of(recipient) or two.batch_of(recipient)
+        assert store.record_delivery(issue, recipient, DeliveryStatus.SENT, "", who)
+    two.release()  # ended early: its second batch is not claimed yet, nothing of its is left
+    rest = [p.recipient for p in a]  # the first finds everything else, its own batches and all
+    assert sorted(seen + rest) == [f"r{i:03d}@example.com" for i in range(30)]
+    one.release()
+    assert store.batches(issue) == [] and store.delivery_counts(issue).held == 0
+
+
+def test_a_run_paused_past_its_lease_may_not_send_and_its_marks_are_refused(store: Store) -> None:
+    issue = issue_for(store, 3)
+    now = [0.0]
+    paused = Claims(store, issue, "readers", size=3, lease=2, clock=lambda: now[0])
+    first = next(paused.rows()).recipient
+    assert paused.usable(first)
+    now[0] = 10.0  # SIGSTOP for longer than the lease: its own clock ran on
+    assert not paused.usable(first)
+    time.sleep(2.2)  # and by the database's clock the lease has run out
+    reap(store, issue)
+    other = Claims(store, issue, "readers", size=3, lease=30)
+    taken = [p.recipient for p in other.rows()]
+    assert first in taken
+    paused.renew()
+    assert first in {r for r in taken if not paused.usable(r)}
+    assert store.record_delivery(issue, first, DeliveryStatus.SENT, "", paused.batch_of(first)) is False
+    other.release()
+    paused.release()
+
+
+def test_a_batch_this_process_no_longer_uses_is_reaped_by_its_next_run(store: Store) -> None:
+    issue = issue_for(store, 2)
+    run = Claims(store, issue, "readers", size=2, lease=300)
+    next(run.rows())
+    with claims._live_lock:
+        claims._live.clear()  # the run ended and its release could not be written
+    assert reap(store, issue) == 2
