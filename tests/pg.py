@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class Cluster:
     password: str
     as_user: list[str]  # the prefix that runs a program as the cluster's owner
     pg_ctl: str
+    options: str = ""  # what the server was started with (pg_ctl -o)
     names: Iterator[int] = field(default_factory=itertools.count)
 
     def url(self, dbname: str) -> str:
@@ -86,6 +88,19 @@ class Cluster:
     def drop(self, name: str) -> None:
         with self.admin() as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def restart(self, down: float = 0.0) -> None:
+        """Stop the server (every client cut off), stay down ``down`` seconds, start again on
+        the same port: what a failover or an upgrade does to the daemons."""
+        data = str(self.folder / "data")
+        for args in (["stop", "-m", "fast"], ["start", "-l", str(self.folder / "log"), "-o", self.options]):
+            done = subprocess.run(
+                [*self.as_user, self.pg_ctl, "-D", data, "-w", "-t", "60", *args],
+                capture_output=True, text=True, timeout=90, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, f"pg_ctl {args[0]} failed:\n{done.stdout}\n{done.stderr}"
+            if args[0] == "stop":
+                time.sleep(down)
 
     def stop(self) -> None:
         subprocess.run(
@@ -147,7 +162,7 @@ def start_cluster() -> Cluster:
         if attempt == 2:  # the port was taken between choosing and binding, thrice: give up
             log = (folder / "log").read_text(errors="replace") if (folder / "log").exists() else ""
             pytest.fail(f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}\n{log}")
-    cluster = Cluster(folder, port, password, as_user, pg_ctl)
+    cluster = Cluster(folder, port, password, as_user, pg_ctl, options)
     _make_template(cluster)
     return cluster
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import ConfigError, NewsletterError
-from .model import FetchStatus
+from .model import Batch, FetchStatus
 from .redact import remember
 
 if TYPE_CHECKING:
@@ -283,6 +283,8 @@ def status(state: State, schedule: str | None) -> None:
                 click.echo(f"  sending: {rate}{finish}")
                 more = ", ..." if s.retries > len(s.still_pending) else ""
                 click.echo(f"  still pending: {_safe(', '.join(s.still_pending))}{more}")
+            for line in _senders(s.batches):
+                click.echo(f"    {line}")
             if not s.issues:
                 click.echo("  no issues yet")
             for issue, counts in s.issues:
@@ -299,6 +301,30 @@ def status(state: State, schedule: str | None) -> None:
                     f"  feed {_safe(f.url)}: {health}; last checked {f.last_checked or '-'},"
                     f" {f.error_count} error(s) in all"
                 )
+
+
+# A lease with less than this left is "about to expire": its holder has stopped renewing.
+LEASE_WARNING = 10.0
+
+
+def _senders(batches: list[Batch]) -> list[str]:
+    """One line per process holding batches: how many rows, its rate, its nearest expiry."""
+    by: dict[tuple[str, int], list[Batch]] = {}
+    for b in batches:
+        by.setdefault((b.host, b.pid), []).append(b)
+    lines = []
+    for (host, pid), held in by.items():
+        rows, sent = sum(b.size for b in held), sum(b.sent for b in held)
+        rate = sum(b.sent / b.age for b in held if b.age > 0)
+        left = min(b.lease_left for b in held)
+        lease = f"lease expired {-left:.0f} s ago" if left <= 0 else f"lease ends in {left:.0f} s"
+        if 0 < left < LEASE_WARNING:
+            lease += " (about to expire)"
+        lines.append(
+            f"{_safe(host)} (pid {pid}): {len(held)} batch(es), {rows} row(s), {sent} sent,"
+            f" {rate:.1f} msg/s; {lease}"
+        )
+    return lines
 
 
 LOG_FORMAT = click.option(

@@ -92,6 +92,8 @@ class Daemon:
         self.config_path = config_path
         self.watch = watch
         self.worker = worker  # deliver only: no polling, building or posting
+        self._lock = threading.Lock()
+        self._sending: dict[str, threading.Lock] = {}  # schedule -> held while it is sent
         self.config: Config = load_config(config_path)
         self.stop = threading.Event()
         self.reload = threading.Event()
@@ -150,6 +152,18 @@ class Daemon:
     def send(self, name: str, *, build: bool = True, join: bool = False) -> None:
         if self.stop.is_set():
             return
+        with self._lock:
+            sending = self._sending.setdefault(name, threading.Lock())
+        # One send of a schedule at a time in this daemon, so it keeps to the sender's
+        # `connections:`: a digest waits for a join or retry in progress, those two skip.
+        if not sending.acquire(blocking=build):
+            return
+        try:
+            self._send(name, build=build, join=join)
+        finally:
+            sending.release()
+
+    def _send(self, name: str, *, build: bool, join: bool) -> None:
         config = self.config
         try:
             with RunContext.open(config, stop=self.stop) as ctx:
@@ -167,7 +181,7 @@ class Daemon:
         except BusyError as exc:
             log.warning(str(exc), extra={"event": "busy", "schedule": name})
             return
-        if join and not any(i.sent_here or i.refused for i in report.issues) and not report.aborted:
+        if join and not any(i.sent_here or i.refused or i.lost for i in report.issues) and not report.aborted:
             return  # nothing was free to help with: every few seconds, not worth a line
         for feed in report.feeds:
             if feed.status == FetchStatus.ERROR:
@@ -178,10 +192,11 @@ class Daemon:
         for warning in report.warnings:
             log.warning(warning, extra={"event": "warning", "schedule": name})
         for item in report.issues:
-            if item.refused:
+            if item.refused or item.lost:
                 log.warning(
-                    f"{item.refused} outcome(s) came in after this daemon's lease had run out;"
-                    " not written: another process holds those deliveries now",
+                    f"the lease of {item.lost} batch(es) ran out while this daemon was held up;"
+                    f" {item.refused} outcome(s) that came in after were not written: another"
+                    " process holds those deliveries now and sends them",
                     extra={"event": "lease-lost", "schedule": name, "issue": item.number},
                 )
             log.info(
@@ -273,18 +288,20 @@ class Daemon:
             for name, schedule in config.schedules.items():
                 trigger = config.trigger(name)
                 grace, retry = schedule.misfire_grace, schedule.retry_every
+                # Two instances: the second returns at once while the first sends (see send),
+                # where one would have APScheduler log "skipped" every few seconds.
                 self.scheduler.add_job(
                     self._job(f"retry:{name}", self.send, name, build=False),
                     IntervalTrigger(seconds=retry.total_seconds()),
                     id=f"retry:{name}",
-                    max_instances=1,
+                    max_instances=2,
                     coalesce=True,
                 )
                 self.scheduler.add_job(
                     self._job(f"join:{name}", self.send, name, build=False, join=True),
                     IntervalTrigger(seconds=join.total_seconds()),
                     id=f"join:{name}",
-                    max_instances=1,
+                    max_instances=2,
                     coalesce=True,
                 )
                 if self.worker:

@@ -26,6 +26,7 @@ from .errors import ConfigError, DeliveryError, PermanentFailure, StoreError, Te
 from .feeds import fetch_all, first_fetch_history
 from .locks import ScheduleLock
 from .model import (
+    Batch,
     DeliveryCounts,
     DeliveryStatus,
     FeedRow,
@@ -75,6 +76,7 @@ class IssueReport:
     stopped: str = ""  # why the send of this issue stopped part-way
     paused: str = ""  # a send window or a quota: why the rest waits, and until when
     refused: int = 0  # outcomes not written: this process's lease had run out (it was paused)
+    lost: int = 0  # batches whose lease ran out under this run: their rest went to others
     elsewhere: int = 0  # of the pending, those another process is sending now
     sent_here: int = 0  # sent by this run (``sent`` counts every process's)
 
@@ -177,7 +179,7 @@ class _Send:
             report = self._deliver(issue, sender, claims)
         finally:
             claims.release()
-        report.refused = claims.refused
+        report.refused, report.lost = claims.refused, len(claims.lost)
         report.complete = store.finish_issue_if_done(issue.id)
         counts = store.delivery_counts(issue.id)
         report.sent, report.failed = counts.sent, counts.failed
@@ -225,8 +227,9 @@ class _Send:
 
         @contextlib.contextmanager
         def batch() -> Iterator[None]:
-            # The day's count (a quota's) is written with the ledger rows it counts.
-            with store.transaction():
+            # The day's count (a quota's) is written with the ledger rows it counts. Fenced
+            # row by row: no need to take turns with the other processes sending.
+            with store.transaction(serial=False):
                 yield
                 if sent_now[0]:
                     store.count_sent(sender.name, self.ctx.clock(), sent_now[0])
@@ -493,6 +496,7 @@ class ScheduleStatus:
     rate: float = 0.0  # messages a second over the last minute, while a send runs
     still_pending: list[str] = field(default_factory=list)  # a few of those still to get it
     finish: datetime | None = None  # when the pending ones should be out, at that rate
+    batches: list[Batch] = field(default_factory=list)  # who is sending the unfinished issues
 
 
 RATE_SPAN = timedelta(minutes=1)
@@ -521,6 +525,7 @@ def schedule_status(ctx: RunContext, name: str, last: int = 5) -> ScheduleStatus
         status.rate = sum(store.recent_sends(i.id, now() - RATE_SPAN) for i in unfinished) / RATE_SPAN.seconds
         status.still_pending = [p.recipient for p in store.pending(unfinished[0].id, b.list_name, limit=5)]
         status.finish = finish_of(ctx, name, pending, status.rate)
+        status.batches = [batch for i in unfinished for batch in store.batches(i.id)]
     return status
 
 

@@ -66,9 +66,11 @@ class Storage(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
-    def transaction(self, write: bool = True) -> AbstractContextManager[None]:
+    def transaction(self, write: bool = True, serial: bool = True) -> AbstractContextManager[None]:
         """One transaction (nested ones join the outer). ``write=False``: a snapshot to read,
-        no lock held on the database."""
+        no lock held on the database. ``serial=False``: a writer whose statements are safe
+        beside other writers (row by row, fenced), so on PostgreSQL it does not wait for the
+        one-writer-at-a-time lock; SQLite has only that one."""
         ...
 
     def rolled_back(self) -> AbstractContextManager[None]:

@@ -217,6 +217,12 @@ class Lane:
             self.conn.close()
             self.conn = None
 
+    def _give_back_inflight(self) -> None:
+        self._hang_up()
+        self.pacing.release(len(self.inflight))
+        back, self.inflight = self.inflight, []
+        self.feed.give_back(back)
+
     def _broken(self) -> None:
         """The connection is gone: what was on it goes again on the next one, first."""
         self._hang_up()
@@ -252,6 +258,11 @@ class Lane:
                     if self.prev is not None:
                         self.feed.recorded(self.prev)
                         self.prev = None
+                    if msg.job.valid is not None and not msg.job.valid():
+                        # No longer ours to send (this process was paused past its batch's
+                        # lease): hanging up mid-DATA makes the server drop it unsent.
+                        self._give_back_inflight()
+                        return
                     used += 1
                     last = self.per_connection is not None and used >= self.per_connection
                     nxt = self._next(wait=False) if self.pipelining and not last else None
@@ -295,6 +306,9 @@ class Lane:
         since the content owed to the server must not wait for a turn (the turn it would wait
         for may be this very message's, under a day quota)."""
         while (job := self.retry.popleft() if self.retry else self.feed.take(wait=wait)) is not None:
+            if job.valid is not None and not job.valid():
+                self.feed.give_back([job])  # from a broken connection, and no longer ours
+                continue
             msg = _Msg(job, wire(job.message.data, job.message.dot_safe))
             bad = [a for a in (job.message.envelope_from, job.message.recipient) if not _envelope_safe(a)]
             if bad:

@@ -31,7 +31,7 @@ class SharedClaims:
 
         def execute(self, sql: str, args: Iterable[Any] = ()) -> Any: ...
 
-        def transaction(self, write: bool = True) -> AbstractContextManager[None]: ...
+        def transaction(self, write: bool = True, serial: bool = True) -> AbstractContextManager[None]: ...
 
     # -- due times -----------------------------------------------------------------------------
 
@@ -39,7 +39,7 @@ class SharedClaims:
         """True for the one caller, across every process on the database, that fires ``job``
         due at ``fire_at``; False for all the others. Fires older than ``keep`` are forgotten."""
         stamp = now()
-        with self.transaction():
+        with self.transaction(serial=False):
             cur = self.execute(
                 "INSERT INTO fires (job, fire_at, host, fired_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (job, fire_at) DO NOTHING",
@@ -68,7 +68,7 @@ class SharedClaims:
         recipient order after ``after`` (with ``fresh_only``, only those never tried), for
         ``lease`` seconds, as ``batch``. Returns how many; 0 leaves no batch behind."""
         fresh = " AND attempts = 0" if fresh_only else ""
-        with self.transaction():
+        with self.transaction(serial=False):
             self.execute(
                 f"INSERT INTO batches (id, issue_id, host, pid, claimed_at, lease_until, size)"
                 f" VALUES (?, ?, ?, ?, {self.DB_NOW}, {self.DB_NOW} + ?, 0)",
@@ -99,7 +99,7 @@ class SharedClaims:
 
     def release_batch(self, batch: str) -> int:
         """Give the batch's rows still pending back to anyone; how many."""
-        with self.transaction():
+        with self.transaction(serial=False):
             freed = self.execute(
                 f"UPDATE deliveries SET claimed_by = NULL WHERE claimed_by = ? AND status = '{_PENDING}'",
                 (batch,),

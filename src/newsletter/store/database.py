@@ -56,9 +56,10 @@ class Database:
         self.db.close()
 
     @contextmanager
-    def transaction(self, write: bool = True) -> Iterator[None]:
+    def transaction(self, write: bool = True, serial: bool = True) -> Iterator[None]:
         """One transaction (nested ones join the outer). ``write=False`` begins deferred: one
-        snapshot to read and temporary tables to write, no lock held on the database."""
+        snapshot to read and temporary tables to write, no lock held on the database. SQLite
+        has one writer at a time whatever ``serial`` says."""
         if self._depth:
             self._depth += 1
             try:

@@ -34,6 +34,9 @@ SCHEMES = ("postgresql://", "postgres://")
 # next issue number, the secret) cannot interleave with another process's. Statements outside
 # transaction() (a delivery's result) do not take it, as in SQLite they commit on their own.
 WRITE_LOCK = 0x6E6C_7772  # "nlwr"
+# The store's transactions never wait on anything but the database: one idle this long
+# belongs to a process that has stopped (the server then ends its session).
+IDLE_IN_TRANSACTION_MS = 10_000
 
 
 def _where(url: str) -> tuple[str, str]:
@@ -116,6 +119,7 @@ class PgDatabase:
                 hint="take it out of the URL and set PGPASSWORD (libpq reads it) or use ~/.pgpass",
             )
         wait_ms = max(1, int(busy_timeout * 1000))
+        idle_ms = max(IDLE_IN_TRANSACTION_MS, wait_ms // 2)
         try:
             self.db: psycopg.Connection[dict[str, Any]] = psycopg.connect(
                 url,
@@ -124,8 +128,10 @@ class PgDatabase:
                 connect_timeout=max(1, math.ceil(min(busy_timeout, 10))),
                 application_name="newsletter",
                 # How long a statement waits for a lock held by another process (the write
-                # lock above included) before it fails: the busy timeout, as in SQLite.
-                options=f"-c lock_timeout={wait_ms}",
+                # lock above included) before it fails: the busy timeout, as in SQLite. And a
+                # process frozen inside a transaction (SIGSTOP, a VM paused) is cut off by the
+                # server before then, so its locks do not stop every other machine.
+                options=f"-c lock_timeout={wait_ms} -c idle_in_transaction_session_timeout={idle_ms}",
             )
         except psycopg.Error as exc:
             raise StoreError(
@@ -162,9 +168,11 @@ class PgDatabase:
     # -- transactions ----------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self, write: bool = True) -> Iterator[None]:
+    def transaction(self, write: bool = True, serial: bool = True) -> Iterator[None]:
         """One transaction (nested ones join the outer). ``write=False``: one snapshot to read
-        (and temporary tables to write), without the write lock."""
+        (and temporary tables to write), without the write lock. ``serial=False``: a writer
+        without it either, for statements safe beside other writers (claims, fenced marks):
+        a send shared by several machines must not take turns with all of them."""
         if self._depth:
             self._depth += 1
             try:
@@ -172,7 +180,7 @@ class PgDatabase:
             finally:
                 self._depth -= 1
             return
-        self._begin(write)
+        self._begin(write, serial)
         try:
             yield
         except BaseException:
@@ -186,14 +194,16 @@ class PgDatabase:
         """Run a whole pipeline and then forget it: what --dry-run and --to use."""
         self._begin(True)
         try:
+            # A dry run fetches feeds inside its transaction: it may sit idle for a while.
+            self.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
             yield
         finally:
             self._end("ROLLBACK")
 
-    def _begin(self, write: bool) -> None:
+    def _begin(self, write: bool, serial: bool = True) -> None:
         self.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ")
         self._depth = 1
-        if write:
+        if write and serial:
             try:
                 self.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             except BaseException:
