@@ -14,6 +14,7 @@ from conftest import FeedServer, Mailbox, Project, Route, item, rss
 from newsletter.config import load_config
 from newsletter.context import RunContext
 from newsletter.digest import schedule_status, send_digest
+from newsletter.model import DeliveryStatus
 
 READERS = [f"reader{i:02d}@example.com" for i in range(12)]
 
@@ -104,3 +105,25 @@ def test_a_send_window_pauses_the_send_and_an_open_window_resumes_it(
     report, status = run(project, clock)
     assert not report.paused and status.retries == 0
     assert Counter(r for _, rcpts, _ in box.messages for r in rcpts) == Counter(READERS)
+
+
+def test_status_names_each_process_holding_batches_its_rate_and_its_lease(
+    project: Project, feed_server: FeedServer, smtp_server: tuple[Mailbox, int]
+) -> None:
+    _box, port = smtp_server
+    configure(project, feed_server, port, sender="    rate_limit: {per_day: 2}\n")
+    report, _ = run(project, Clock(datetime(2026, 12, 1, 9, 0, tzinfo=UTC)))
+    assert report.paused  # two sent, the rest pending
+    # Two other processes hold batches of the rest: one renewing, one that has gone quiet.
+    with load_config(project.config).open_store() as store:
+        issue_id = store.issues("weekly")[0].id
+        store.claim_batch(issue_id, "mail-2:4242:a", "mail-2", 4242, size=4, lease=300)
+        store.claim_batch(issue_id, "mail-3:77:b", "mail-3", 77, size=3, lease=4)
+        first = store.pending(issue_id, "readers", batch="mail-2:4242:a")[0].recipient
+        store.record_delivery(issue_id, first, DeliveryStatus.SENT, "", "mail-2:4242:a")
+    shown = project.run("status", "weekly").output
+    assert "mail-2 (pid 4242): 1 batch(es), 4 row(s), 1 sent," in shown, shown
+    assert "mail-3 (pid 77): 1 batch(es), 3 row(s), 0 sent, 0.0 msg/s; lease ends in" in shown, shown
+    (quiet,) = [line for line in shown.splitlines() if "mail-3" in line]
+    assert quiet.endswith("(about to expire)")
+    assert "about to expire" not in next(line for line in shown.splitlines() if "mail-2" in line)
