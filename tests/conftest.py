@@ -206,7 +206,16 @@ class Mailbox:
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.rcpt_replies: dict[str, str] = {}
         self.data_delay = 0.0
+        self.sessions = 0  # EHLOs: how many connections a client opened
         self.lock = threading.Lock()
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        with self.lock:
+            self.sessions += 1
+        session.host_name = hostname
+        return responses
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
         reply = self.rcpt_replies.get(address.lower())

@@ -83,6 +83,30 @@ def test_451_stays_pending_550_fails_and_the_next_run_sends_only_the_451(
     assert "sent 2, pending 0, failed 1" in status.output
 
 
+def test_a_join_leaves_deferred_deliveries_to_the_retry_and_opens_no_connection_for_them(
+    project: Project, feed_server: FeedServer, smtp_server: tuple[Mailbox, int]
+) -> None:
+    from newsletter.context import RunContext
+    from newsletter.digest import send_digest
+
+    box, port = smtp_server
+    feed_server.routes["/feed.xml"] = Route(rss([item(1)]))
+    project.setup([feed_server.url("/feed.xml")], smtp_port=port)
+    box.rcpt_replies = {"bob@example.com": "451 4.7.1 Greylisted, try again later"}
+    assert project.run("send-digest", "weekly").exit_code == 1
+    box.rcpt_replies, before = {}, box.sessions
+    config = load_config(project.config)
+    # A daemon's join job, every few seconds: nothing never tried is left, so no connection.
+    with RunContext.open(config) as ctx:
+        joined = send_digest(ctx, "weekly", build=False, join=True)
+    assert box.sessions == before and [i.sent_here for i in joined.issues] == [0]
+    # The retry job does send it.
+    with RunContext.open(config) as ctx:
+        retried = send_digest(ctx, "weekly", build=False)
+    assert [i.sent_here for i in retried.issues] == [1] and box.sessions > before
+    assert box.by_recipient() == {"ann@example.com": 1, "bob@example.com": 1, "cy@example.com": 1}
+
+
 def test_a_list_longer_than_a_page_with_edits_and_unsubscribes_between_runs(
     project: Project, feed_server: FeedServer, smtp_server: tuple[Mailbox, int]
 ) -> None:

@@ -4,7 +4,6 @@ sharing one database rely on to fire a due time once and to split an issue betwe
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from newsletter.store import Store
 from test_store import add_list
 
 T0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
-HOST = socket.gethostname()
+HOST = claims.HOST  # this host's name and PID namespace, as a batch records it
 LIST = "readers"
 
 

@@ -35,14 +35,31 @@ _live: set[str] = set()  # this process's batches in use: same host and pid, not
 _live_lock = threading.Lock()
 
 
+def _host() -> str:
+    """This host as batches name it: its hostname, and its PID namespace where there is one,
+    since containers sharing a hostname (host networking) each have their own pid 1."""
+    try:
+        return f"{socket.gethostname()}#{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
+HOST = _host()
+
+
+def shown_host(host: str) -> str:
+    """The host of a batch as people know it: its hostname."""
+    return host.partition("#")[0]
+
+
 def batch_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+    return f"{shown_host(HOST)}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
 def holder_gone(batch: Batch) -> bool:
     """True when the batch's process is known to be gone: on this host only, where its pid
     can be looked at (another host's holder counts as there until its lease runs out)."""
-    if batch.host != socket.gethostname():
+    if batch.host != HOST:
         return False
     if batch.pid == os.getpid():
         with _live_lock:
@@ -89,7 +106,7 @@ class Claims:
         self.of: dict[str, str] = {}  # recipient -> batch id
         self.refused = 0  # outcomes not written: their batch was another's by then
         self.renewed = clock()
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.host, self.pid = HOST, os.getpid()
 
     def rows(self) -> Iterator[Pending]:
         after = ""

@@ -309,9 +309,11 @@ LEASE_WARNING = 10.0
 
 def _senders(batches: list[Batch]) -> list[str]:
     """One line per process holding batches: how many rows, its rate, its nearest expiry."""
+    from .claims import shown_host
+
     by: dict[tuple[str, int], list[Batch]] = {}
     for b in batches:
-        by.setdefault((b.host, b.pid), []).append(b)
+        by.setdefault((shown_host(b.host), b.pid), []).append(b)
     lines = []
     for (host, pid), held in by.items():
         rows, sent = sum(b.size for b in held), sum(b.sent for b in held)

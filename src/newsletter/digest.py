@@ -268,9 +268,15 @@ class _Send:
         return report
 
 
-def _start(ctx: RunContext, name: str, progress: Progress | None) -> _Send:
+def _start(ctx: RunContext, name: str, progress: Progress | None, reread: bool = True) -> _Send:
     builder = IssueBuilder(ctx, name)
-    return _Send(builder, sync(ctx.store, builder.list_name, builder.list_path), progress)
+    if reread:
+        return _Send(builder, sync(ctx.store, builder.list_name, builder.list_path), progress)
+    # Helping with an issue already built: the list as stored, not a hash of the file every
+    # few seconds in every daemon.
+    cached = ctx.store.subscriber_source(builder.list_name)
+    listed = SubscriberList(builder.list_name, builder.list_path, cached.problems if cached else [])
+    return _Send(builder, listed, progress)
 
 
 def send_digest(
@@ -313,7 +319,7 @@ def send_digest(
                 report.feeds = fetch(ctx, [name])
             _preview(send, report, force, to)
         return report
-    send = _start(ctx, name, progress)
+    send = _start(ctx, name, progress, reread=not join)
     report = DigestReport(name, warnings=list(send.subscribers.problems))
     if fetch_feeds:
         # Fetching needs no lock: entries are keyed, and a second process only finds them known.
@@ -353,7 +359,7 @@ def _deliver_all(
 ) -> None:
     store = send.builder.store
     # Only what no other process holds: a join finding everything taken opens no connection.
-    work = [(issue, _free(store.delivery_counts(issue.id))) for issue in issues]
+    work = [(issue, _free(store.delivery_counts(issue.id), fresh_only)) for issue in issues]
     if not any(pending for _, pending in work):
         report.issues += [send.deliver(issue, sender, fresh_only) for issue, _ in work]
         return
@@ -388,8 +394,10 @@ def _deliver_all(
         report.finish = finish_of(send.ctx, send.builder.name, pending, sent / took if sent else 0.0)
 
 
-def _free(counts: DeliveryCounts) -> int:
-    return counts.pending - counts.held
+def _free(counts: DeliveryCounts, fresh_only: bool) -> int:
+    """What this run may claim: for a join only deliveries never tried (a reader a server
+    deferred waits for the retry job, not for every join a few seconds apart)."""
+    return counts.fresh if fresh_only else counts.pending - counts.held
 
 
 def _preview(send: _Send, report: DigestReport, force: bool, to: str | None) -> None:

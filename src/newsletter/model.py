@@ -203,6 +203,7 @@ class DeliveryCounts:
     failed: int = 0
     skipped: int = 0
     held: int = 0  # of the pending, those a batch holds now (some process is sending them)
+    fresh: int = 0  # of the pending, those nobody holds and nobody has tried yet
 
 
 # -- subscriber lists and suppressions -----------------------------------------------------------

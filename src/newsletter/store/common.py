@@ -128,13 +128,15 @@ class SharedSql:
 
     def delivery_counts(self, issue_id: int) -> DeliveryCounts:
         rows = self.execute(
-            "SELECT status, COUNT(*) AS n, COUNT(claimed_by) AS held FROM deliveries"
-            " WHERE issue_id = ? GROUP BY status",
+            "SELECT status, COUNT(*) AS n, COUNT(claimed_by) AS held,"
+            " SUM(CASE WHEN claimed_by IS NULL AND attempts = 0 THEN 1 ELSE 0 END) AS fresh"
+            " FROM deliveries WHERE issue_id = ? GROUP BY status",
             (issue_id,),
         ).fetchall()
         counts = {DeliveryStatus(r["status"]).value: int(r["n"]) for r in rows}
-        held = sum(int(r["held"]) for r in rows if r["status"] == DeliveryStatus.PENDING.value)
-        return DeliveryCounts(**counts, held=held)
+        pending = [r for r in rows if r["status"] == DeliveryStatus.PENDING.value]
+        held, fresh = (int(pending[0]["held"]), int(pending[0]["fresh"])) if pending else (0, 0)
+        return DeliveryCounts(**counts, held=held, fresh=fresh)
 
     def recent_sends(self, issue_id: int, since: datetime) -> int:
         row = self.execute(
