@@ -81,16 +81,24 @@ class ScheduleLock:
         # Its own connection (a SQLite connection belongs to the thread that made it), with a
         # short busy timeout: a refresh that cannot get through now is tried again later, and
         # if none does the lock simply expires, as it would had this process died.
+        store: Storage | None = None
         try:
-            store = self.opener(2)
-        except StoreError:
-            return
-        try:
-            while not self._done.wait(self.TTL / 3):
-                with contextlib.suppress(StoreError):
-                    store.refresh_lock(self.name, self.owner, self.TTL)
+            while True:
+                if store is None:
+                    # A connection lost (the database restarted) is opened again next time.
+                    with contextlib.suppress(StoreError):
+                        store = self.opener(2)
+                if self._done.wait(self.TTL / 3):
+                    return
+                try:
+                    if store is not None:
+                        store.refresh_lock(self.name, self.owner, self.TTL)
+                except StoreError:
+                    store.close()
+                    store = None
         finally:
-            store.close()
+            if store is not None:
+                store.close()
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..model import Batch, DeliveryStatus, now
@@ -32,6 +32,11 @@ class SharedClaims:
         def execute(self, sql: str, args: Iterable[Any] = ()) -> Any: ...
 
         def transaction(self, write: bool = True, serial: bool = True) -> AbstractContextManager[None]: ...
+
+    def db_now(self) -> datetime:
+        """The database's time now: what every lease in it is measured by."""
+        row = self.execute(f"SELECT {self.DB_NOW} AS now").fetchone()
+        return datetime.fromtimestamp(float(row["now"]), UTC)
 
     # -- due times -----------------------------------------------------------------------------
 

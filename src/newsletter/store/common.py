@@ -38,6 +38,8 @@ class SharedSql:
 
         def transaction(self, write: bool = True, serial: bool = True) -> AbstractContextManager[None]: ...
 
+        def db_now(self) -> datetime: ...
+
     def meta(self, key: str) -> str | None:
         row = self.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(row["value"]) if row else None
@@ -203,8 +205,9 @@ class SharedSql:
 
     def acquire_lock(self, name: str, owner: str, ttl: float, *, dead: str | None = None) -> str | None:
         """Take the lock, or return who holds it. A lock past its ``ttl`` is free; one held by
-        ``dead`` (a holder the caller found gone) is taken over if that one still holds it."""
-        stamp = now()
+        ``dead`` (a holder the caller found gone) is taken over if that one still holds it.
+        Expiry is by the database's clock: hosts whose clocks disagree agree on it."""
+        stamp = self.db_now()
         with self.transaction():
             row = self.execute("SELECT owner, expires_at FROM locks WHERE name = ?", (name,)).fetchone()
             if (
@@ -224,7 +227,7 @@ class SharedSql:
     def refresh_lock(self, name: str, owner: str, ttl: float) -> None:
         self.execute(
             "UPDATE locks SET expires_at = ? WHERE name = ? AND owner = ?",
-            (iso(now() + timedelta(seconds=ttl)), name, owner),
+            (iso(self.db_now() + timedelta(seconds=ttl)), name, owner),
         )
 
     def release_lock(self, name: str, owner: str) -> None:
