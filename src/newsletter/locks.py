@@ -90,9 +90,10 @@ class ScheduleLock:
                         store = self.opener(2)
                 if self._done.wait(self.TTL / 3):
                     return
+                if store is None:
+                    continue
                 try:
-                    if store is not None:
-                        store.refresh_lock(self.name, self.owner, self.TTL)
+                    store.refresh_lock(self.name, self.owner, self.TTL)
                 except StoreError:
                     store.close()
                     store = None
