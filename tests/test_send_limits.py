@@ -121,9 +121,25 @@ def test_status_names_each_process_holding_batches_its_rate_and_its_lease(
         store.claim_batch(issue_id, "mail-3:77:b", "mail-3", 77, size=3, lease=4)
         first = store.pending(issue_id, "readers", batch="mail-2:4242:a")[0].recipient
         store.record_delivery(issue_id, first, DeliveryStatus.SENT, "", "mail-2:4242:a")
+        assert store.renew_batch("mail-2:4242:a", 300, sent=1)  # what its holder says it sent
     shown = project.run("status", "weekly").output
     assert "mail-2 (pid 4242): 1 batch(es), 4 row(s), 1 sent," in shown, shown
     assert "mail-3 (pid 77): 1 batch(es), 3 row(s), 0 sent, 0.0 msg/s; lease ends in" in shown, shown
     (quiet,) = [line for line in shown.splitlines() if "mail-3" in line]
     assert quiet.endswith("(about to expire)")
     assert "about to expire" not in next(line for line in shown.splitlines() if "mail-2" in line)
+
+
+def test_a_send_paced_slower_than_its_lease_keeps_its_batch_and_finishes_in_one_run(
+    project: Project, feed_server: FeedServer, smtp_server: tuple[Mailbox, int]
+) -> None:
+    box, port = smtp_server
+    configure(project, feed_server, port, sender="    connections: 1\n    rate_limit: 0.5\n")
+    # A turn every 2 s against a 2 s lease: the lease must be renewed while the lane waits.
+    text = project.config.read_text().replace("senders:", "batches:\n  size: 4\n  lease: 2s\nsenders:", 1)
+    project.config.write_text(text)
+    with_readers = READERS[:4]
+    project.write_subscribers(with_readers)
+    result = project.run_in_process("send-digest", "weekly")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert Counter(r for _, rcpts, _ in box.messages for r in rcpts) == Counter(with_readers)

@@ -15,7 +15,7 @@ import pytest
 
 from newsletter import claims
 from newsletter.claims import Claims, reap
-from newsletter.model import DeliveryStatus
+from newsletter.model import DeliveryStatus, Pending
 from newsletter.store import Store
 from test_store import add_list
 
@@ -125,13 +125,35 @@ def test_a_fresh_only_claim_leaves_the_rows_already_tried(store: Store) -> None:
     assert store.claim_batch(issue, "retry", HOST, 1, size=10, lease=30) == 2
 
 
-def test_status_counts_what_each_batch_has_sent(store: Store) -> None:
+def test_status_shows_what_each_holder_last_said_it_sent(store: Store) -> None:
     issue = issue_for(store, 5)
     store.claim_batch(issue, "b", "elsewhere", 7, size=5, lease=30)
-    for r in held(store, "b", issue)[:3]:
-        store.record_delivery(issue, r, DeliveryStatus.SENT, "", "b")
+    assert store.renew_batch("b", 30, sent=3)
     (batch,) = store.batches()
     assert (batch.host, batch.pid, batch.size, batch.sent) == ("elsewhere", 7, 5, 3)
+
+
+def test_a_reaper_does_not_take_a_batch_whose_renewal_came_in_first(store: Store) -> None:
+    issue = issue_for(store, 4)
+    store.claim_batch(issue, "b", "elsewhere", 7, size=4, lease=1)
+    time.sleep(1.2)
+    (seen,) = store.batches(issue)
+    assert seen.lease_left <= 0  # what the reaper read
+    # The holder had not renewed in time: nothing changes that. But had it (a new claim's
+    # lease), the reaper's take, re-checked by the database's clock, finds nothing to take.
+    assert store.reap_batch("b") == 4
+    store.claim_batch(issue, "c", "elsewhere", 7, size=4, lease=30)
+    assert store.reap_batch("c") == 0 and [b.id for b in store.batches(issue)] == ["c"]
+    assert store.reap_batch("c", expired_only=False) == 4  # its holder known dead
+
+
+def test_rows_whose_batch_vanished_are_freed_as_orphans(store: Store) -> None:
+    issue = issue_for(store, 3)
+    store.claim_batch(issue, "b", HOST, 1, size=3, lease=30)
+    store.execute("DELETE FROM batches WHERE id = ?", ("b",))  # as if reaped mid-write
+    assert store.delivery_counts(issue).held == 3
+    assert store.free_orphans(issue) == 3
+    assert store.delivery_counts(issue).held == 0 and store.delivery_counts(issue).fresh == 3
 
 
 # -- reaping, and a run's claims (newsletter.claims) -------------------------------------------
@@ -192,3 +214,27 @@ def test_a_batch_this_process_no_longer_uses_is_reaped_by_its_next_run(store: St
     with claims._live_lock:
         claims._live.clear()  # the run ended and its release could not be written
     assert reap(store, issue) == 2
+
+
+def test_a_batch_is_given_back_once_every_row_has_an_outcome_unless_one_was_deferred(store: Store) -> None:
+    issue = issue_for(store, 6)
+    run = Claims(store, issue, LIST, size=2, lease=30)
+
+    def outcome(row: Pending, status: DeliveryStatus) -> None:  # what the delivery loop does
+        assert store.record_delivery(issue, row.recipient, status, "", run.batch_of(row.recipient))
+        run.answered(row.recipient, status == DeliveryStatus.SENT, status == DeliveryStatus.PENDING)
+
+    rows = run.rows()
+    a, b = next(rows), next(rows)
+    outcome(a, DeliveryStatus.SENT)
+    outcome(b, DeliveryStatus.PENDING)  # a 4xx: held until the run ends, not retried now
+    c, d = next(rows), next(rows)
+    outcome(c, DeliveryStatus.SENT)
+    outcome(d, DeliveryStatus.SENT)
+    e = next(rows)  # the second batch is all out and answered: given back, nothing to renew
+    assert [x.size for x in store.batches(issue)] == [2, 2]  # the first (deferred) and the third
+    assert store.delivery_counts(issue).held == 3  # b, e and the last one
+    outcome(e, DeliveryStatus.SENT)
+    run.release()
+    assert store.batches(issue) == [] and store.delivery_counts(issue).held == 0
+    assert store.delivery_counts(issue).fresh == 1  # the last one, never tried

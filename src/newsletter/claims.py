@@ -8,22 +8,25 @@ works; a process that dies stops renewing, and once the lease runs out (by the d
 clock) anyone reaps the batch and sends what is left of it. A holder on this host whose pid
 is gone is reaped at once, so a rerun after a crash does not wait out the lease.
 
-A process paused past its lease (SIGSTOP, a VM frozen) must not send what another has taken
-over: before a message goes, its batch's lease is checked against this process's own
-monotonic clock, which runs on while the process is stopped, with a margin. At most the
-messages already on the wire go twice, as after a crash.
+A process paused past its lease (SIGSTOP, a frozen container) must not send what another has
+taken over: before a message goes, its batch's lease is checked against this process's own
+clock (CLOCK_BOOTTIME, which runs on while the process is stopped and while the machine
+sleeps), with a margin. At most the messages already on the wire go twice, as after a crash.
+
+A batch whose rows all have an outcome is given back at once, so a run holds (and renews,
+and the reapers look at) only the batches it is still sending.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 from .errors import StoreError
+from .locks import HOST, pid_gone, shown_host
 from .model import Batch, Pending
 from .storage import Storage
 
@@ -35,21 +38,11 @@ _live: set[str] = set()  # this process's batches in use: same host and pid, not
 _live_lock = threading.Lock()
 
 
-def _host() -> str:
-    """This host as batches name it: its hostname, and its PID namespace where there is one,
-    since containers sharing a hostname (host networking) each have their own pid 1."""
-    try:
-        return f"{socket.gethostname()}#{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        return socket.gethostname()
+def _boot_clock() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-HOST = _host()
-
-
-def shown_host(host: str) -> str:
-    """The host of a batch as people know it: its hostname."""
-    return host.partition("#")[0]
+clock: Callable[[], float] = _boot_clock if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
 
 
 def batch_id() -> str:
@@ -59,34 +52,39 @@ def batch_id() -> str:
 def holder_gone(batch: Batch) -> bool:
     """True when the batch's process is known to be gone: on this host only, where its pid
     can be looked at (another host's holder counts as there until its lease runs out)."""
-    if batch.host != HOST:
-        return False
-    if batch.pid == os.getpid():
+    if batch.host == HOST and batch.pid == os.getpid():
         with _live_lock:
             return batch.id not in _live  # ours, but its run ended without releasing it
-    try:
-        os.kill(batch.pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return pid_gone(batch.host, batch.pid)
 
 
-def reap(store: Storage, issue_id: int | None = None) -> int:
-    """Give back the rows of every batch whose lease ran out or whose holder is gone; how
-    many rows."""
+def reap(store: Storage, issue_id: int) -> int:
+    """Take the batches whose lease ran out or whose holder is gone, and free their rows
+    still pending (and any left behind by an earlier reap); how many rows."""
     freed = 0
     for batch in store.batches(issue_id):
-        if batch.lease_left <= 0 or holder_gone(batch):
-            freed += store.release_batch(batch.id)
-    return freed
+        if batch.lease_left <= 0:
+            freed += store.reap_batch(batch.id)  # unless a renewal came in meanwhile
+        elif holder_gone(batch):
+            freed += store.reap_batch(batch.id, expired_only=False)
+    return freed + store.free_orphans(issue_id)
+
+
+class _Held:
+    """One batch of this run: until when it is trusted, and what is left of it."""
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        self.open = 0  # rows handed to the delivery loop, outcome not in yet
+        self.deferred = 0  # rows answered "pending" (a 4xx): kept until the run ends
+        self.sent = 0
+        self.yielded = False  # every row of it has been handed out
 
 
 class Claims:
     """This run's batches of one issue: ``rows()`` claims them one after another as the
-    delivery loop asks for more; ``usable``, ``batch_of`` and ``renew`` serve the loop;
-    ``release`` hands back what is left when the run ends, whatever ended it."""
+    delivery loop asks for more; ``usable``, ``batch_of``, ``answered`` and ``renew`` serve
+    the loop; ``release`` hands back what is left when the run ends, whatever ended it."""
 
     def __init__(
         self,
@@ -97,16 +95,16 @@ class Claims:
         size: int,
         lease: float,
         fresh_only: bool = False,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = clock,
     ) -> None:
         self.store, self.issue_id, self.list_name = store, issue_id, list_name
         self.size, self.lease, self.fresh_only, self.clock = size, lease, fresh_only, clock
-        self.trusted: dict[str, float] = {}  # batch id -> until when (clock) it is ours
+        self.held: dict[str, _Held] = {}  # batch id -> its state, while this run holds it
         self.lost: set[str] = set()  # batches whose lease ran out under us
-        self.of: dict[str, str] = {}  # recipient -> batch id
+        self.of: dict[str, str] = {}  # recipient -> batch id, until its outcome is in
         self.refused = 0  # outcomes not written: their batch was another's by then
         self.renewed = clock()
-        self.host, self.pid = HOST, os.getpid()
+        self.pid = os.getpid()
 
     def rows(self) -> Iterator[Pending]:
         after = ""
@@ -118,7 +116,7 @@ class Claims:
             claimed = self.store.claim_batch(
                 self.issue_id,
                 batch,
-                self.host,
+                HOST,
                 self.pid,
                 size=self.size,
                 lease=self.lease,
@@ -129,14 +127,17 @@ class Claims:
                 with _live_lock:
                     _live.discard(batch)
                 return
-            self.trusted[batch] = started + self.lease * TRUST
+            held = self.held[batch] = _Held(started + self.lease * TRUST)
             rows = self.store.pending(self.issue_id, self.list_name, limit=claimed, batch=batch)
             for row in rows:
                 self.of[row.recipient] = batch
+            held.open = len(rows)
             if not rows:
                 return
             after = rows[-1].recipient
             yield from rows
+            held.yielded = True
+            self._done_with(batch)
 
     def batch_of(self, recipient: str) -> str | None:
         return self.of.get(recipient)
@@ -146,18 +147,45 @@ class Claims:
         batch = self.of.get(recipient)
         if batch is None:
             return True
-        return batch not in self.lost and self.clock() < self.trusted.get(batch, 0.0)
+        held = self.held.get(batch)
+        return held is not None and batch not in self.lost and self.clock() < held.until
+
+    def answered(self, recipient: str, sent: bool = False, deferred: bool = False) -> None:
+        """The row's outcome is in (``deferred``: it is pending again, for a later run)."""
+        batch = self.of.pop(recipient, None)
+        held = self.held.get(batch) if batch is not None else None
+        if batch is None or held is None:
+            return
+        held.open -= 1
+        held.sent += sent
+        held.deferred += deferred
+        self._done_with(batch)
+
+    def _done_with(self, batch: str) -> None:
+        # Nothing of it left to send or to hold back: give it up now rather than renew it.
+        held = self.held[batch]
+        if held.yielded and held.open <= 0 and not held.deferred and batch not in self.lost:
+            try:
+                self.store.release_batch(batch)
+            except StoreError:
+                return  # the run is failing anyway; release() or a reaper tries again
+            del self.held[batch]
+            with _live_lock:
+                _live.discard(batch)
 
     def renew(self) -> None:
-        """Extend every batch's lease, at most every third of it; a batch whose lease ran
-        out is lost (its rows are skipped, its late outcomes refused)."""
+        """Extend every held batch's lease, at most every third of it (called outside any
+        transaction, so a renewal is seen at once); a batch whose lease ran out is lost: its
+        rows are skipped, its late outcomes refused."""
         if self.clock() - self.renewed < self.lease / 3:
             return
         self.renewed = self.clock()
-        for batch in [b for b in self.trusted if b not in self.lost]:
+        for batch, held in list(self.held.items()):
+            if batch in self.lost:
+                continue
             started = self.clock()
-            if self.store.renew_batch(batch, self.lease):
-                self.trusted[batch] = started + self.lease * TRUST
+            if self.store.renew_batch(batch, self.lease, held.sent):
+                held.until = started + self.lease * TRUST
             else:
                 self.lost.add(batch)
 
@@ -165,11 +193,11 @@ class Claims:
         """Hand back every row still pending in this run's batches (a failed release is
         reaped later: by lease, or at once on this host since the batch is no longer live)."""
         try:
-            for batch in self.trusted:
+            for batch in self.held:
                 if batch not in self.lost:
                     self.store.release_batch(batch)
         except StoreError:
             pass
         finally:
             with _live_lock:
-                _live.difference_update(self.trusted)
+                _live.difference_update(self.held)

@@ -131,31 +131,42 @@ class Daemon:
                     log.warning(report.error, extra={"event": "feed-error"})
             log.info("polled feeds", extra={"event": "poll", "feeds": len(due), "new": new, "errors": errors})
 
-    def fire(self, name: str) -> None:
-        """The digest job: the one daemon that wins this due time builds and sends; the others
-        help send it (the issue may not be built yet: their join jobs look again)."""
-        trigger = self.config.trigger(name)
-        due = latest_fire(trigger, datetime.now(UTC)) if trigger is not None else None
-        if due is not None and not self._claim(f"digest:{name}", due):
-            log.info(
-                f"the digest due at {due:%Y-%m-%d %H:%M:%S} UTC was fired by another daemon",
-                extra={"event": "fired-elsewhere", "schedule": name},
-            )
-            self.send(name, build=False, join=True)
+    def fire(self, name: str, due: datetime | None = None) -> None:
+        """The digest job (``due``: a catch-up's due time): the one daemon that wins this due
+        time builds and sends; the others help send it (the issue may not be built yet: their
+        join jobs look again)."""
+        if self.stop.is_set():
             return
-        self.send(name)
+        trigger = self.config.trigger(name)
+        if due is None and trigger is not None:
+            due = latest_fire(trigger, datetime.now(UTC))
+        # This daemon's own send of the schedule first: a daemon busy with a long join must
+        # not claim the due time and then sit on it while the others wait for its issue.
+        with self._sending_lock(name):
+            if due is not None and not self._claim(f"digest:{name}", due):
+                log.info(
+                    f"the digest due at {due:%Y-%m-%d %H:%M:%S} UTC was fired by another daemon",
+                    extra={"event": "fired-elsewhere", "schedule": name},
+                )
+                self._send(name, build=False, join=True)
+                return
+            self._send(name, build=True, join=False)
 
     def _claim(self, job: str, due: datetime) -> bool:
         with self.config.open_store() as store:
             return store.claim_fire(job, due, HOST)
 
+    def _sending_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._sending.setdefault(name, threading.Lock())
+
     def send(self, name: str, *, build: bool = True, join: bool = False) -> None:
+        """A retry or join run (or, with ``build``, a digest without a due time)."""
         if self.stop.is_set():
             return
-        with self._lock:
-            sending = self._sending.setdefault(name, threading.Lock())
         # One send of a schedule at a time in this daemon, so it keeps to the sender's
         # `connections:`: a digest waits for a join or retry in progress, those two skip.
+        sending = self._sending_lock(name)
         if not sending.acquire(blocking=build):
             return
         try:
@@ -331,8 +342,10 @@ class Daemon:
                         f"catching up the digest due at {catch_up:%Y-%m-%d %H:%M} UTC",
                         extra={"event": "catch-up", "schedule": name},
                     )
+                    # Through the fires table too: a fleet restarted across a due time
+                    # catches it up once, not once per daemon.
                     self.scheduler.add_job(
-                        self._job(f"catch-up:{name}", self.send, name), id=f"catch-up:{name}"
+                        self._job(f"catch-up:{name}", self.fire, name, catch_up), id=f"catch-up:{name}"
                     )
                 elif skipped:
                     log.warning(

@@ -270,10 +270,13 @@ def deliver_lanes(
     progress: Callable[[int], None] | None = None,
     hold: Callable[[], str] | None = None,
     batch: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    tick: Callable[[], None] | None = None,
 ) -> Run:
     """``deliver`` for a sender with lanes: its ``lane`` runs in that many threads, all fed
     from here. ``batch`` opens the transaction that outcomes arriving together share; ``hold``
-    returns why sending must pause (a send window closing), checked before each message."""
+    returns why sending must pause (a send window closing), checked before each message;
+    ``tick`` is called at least twice a second, outside any transaction, however slow the
+    lanes are."""
     run = Run()
     feed = _Feed(stop)
     threads = [
@@ -298,6 +301,8 @@ def deliver_lanes(
             answered: list[_Ref[T]] = []
             # Wait for the lanes outside the transaction: other processes write too.
             events = feed.gather(alive)
+            if tick is not None:
+                tick()
             with batch() if events else contextlib.nullcontext():
                 for kind, value in events:
                     if kind == "done":

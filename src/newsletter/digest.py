@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from .build import IssueBuilder
-from .claims import Claims
+from .claims import Claims, reap
 from .config import FetchSettings
 from .context import RunContext
 from .deliver import Attempt, Outcome, Unsendable, deliver, deliver_lanes
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .social import PostReport
 
 Progress = Callable[[int], None]  # called with how many messages were just handled
+RECOUNT = 1.0  # seconds between two reads of a day quota's count while sending
 
 
 @dataclass
@@ -180,7 +181,17 @@ class _Send:
         finally:
             claims.release()
         report.refused, report.lost = claims.refused, len(claims.lost)
+        return self.counted(issue, report)
+
+    def counted(self, issue: Issue, report: IssueReport | None = None) -> IssueReport:
+        """The issue's report with its counts as the ledger has them now (every process's)."""
+        store = self.builder.store
+        if report is None:
+            report = IssueReport(
+                issue.number, issue.subject, len(issue.entry_ids), len(issue.payload["html"].encode())
+            )
         report.complete = store.finish_issue_if_done(issue.id)
+        reap(store, issue.id)  # what dead holders left is not "being sent by another"
         counts = store.delivery_counts(issue.id)
         report.sent, report.failed = counts.sent, counts.failed
         report.pending, report.skipped = counts.pending, counts.skipped
@@ -205,6 +216,7 @@ class _Send:
                 why = "unsubscribed" if item.suppressed else f"not in {self.subscribers.path.name}"
                 store.skip_delivery(issue.id, key, why)
                 report.skipped += 1
+                claims.answered(key)
                 return None
             try:
                 message_id, data = skeleton.build(b.recipient(sub))
@@ -218,12 +230,15 @@ class _Send:
 
         def record(item: Pending, outcome: Outcome, error: str, where: str) -> None:
             batch = claims.batch_of(item.recipient)
-            if not store.record_delivery(issue.id, item.recipient, DeliveryStatus(outcome), error, batch):
+            written = store.record_delivery(issue.id, item.recipient, DeliveryStatus(outcome), error, batch)
+            if not written:
                 claims.refused += 1  # our lease ran out: the row is another's, who sends it
             elif outcome == Outcome.SENT:
                 sent_now[0] += 1
                 sent_now[1] += 1
-            claims.renew()
+            claims.answered(item.recipient, written and outcome == Outcome.SENT, outcome == Outcome.PENDING)
+
+        recounted = [time.monotonic()]
 
         @contextlib.contextmanager
         def batch() -> Iterator[None]:
@@ -234,6 +249,10 @@ class _Send:
                 if sent_now[0]:
                     store.count_sent(sender.name, self.ctx.clock(), sent_now[0])
                     sent_now[0] = 0
+            if sender.counts_days() and time.monotonic() - recounted[0] >= RECOUNT:
+                # Other processes send through this sender too: its day quota is theirs too.
+                recounted[0] = time.monotonic()
+                sender.recount(store.sent_since(sender.name, self.ctx.clock() - timedelta(hours=25)))
 
         hold = WindowHold(b.schedule.window(self.ctx.config.settings.timezone), self.ctx.clock)
         if sender.lanes():
@@ -247,6 +266,7 @@ class _Send:
                 progress=self.progress,
                 hold=hold,
                 batch=batch,
+                tick=claims.renew,  # also while every lane waits (a slow server, a quota)
             )
         else:
             run = deliver(
@@ -272,8 +292,8 @@ def _start(ctx: RunContext, name: str, progress: Progress | None, reread: bool =
     builder = IssueBuilder(ctx, name)
     if reread:
         return _Send(builder, sync(ctx.store, builder.list_name, builder.list_path), progress)
-    # Helping with an issue already built: the list as stored, not a hash of the file every
-    # few seconds in every daemon.
+    # Sending an issue already built: the list as its builder stored it, not this host's copy
+    # of the file (which may be older) hashed every few seconds in every daemon.
     cached = ctx.store.subscriber_source(builder.list_name)
     listed = SubscriberList(builder.list_name, builder.list_path, cached.problems if cached else [])
     return _Send(builder, listed, progress)
@@ -319,7 +339,7 @@ def send_digest(
                 report.feeds = fetch(ctx, [name])
             _preview(send, report, force, to)
         return report
-    send = _start(ctx, name, progress, reread=not join)
+    send = _start(ctx, name, progress, reread=build)
     report = DigestReport(name, warnings=list(send.subscribers.problems))
     if fetch_feeds:
         # Fetching needs no lock: entries are keyed, and a second process only finds them known.
@@ -340,7 +360,7 @@ def send_digest(
                 social.queue_issue(ctx, name, built.number, built.id)
     issues = store.unfinished_issues(name)
     _deliver_all(send, report, ctx.sender(schedule.sender), issues, on_issue, fresh_only=join)
-    if any(t.each == "issue" for t in schedule.post):
+    if not join and any(t.each == "issue" for t in schedule.post):
         from . import social
 
         # Posting is not shared: one process at a time posts what is pending.
@@ -358,10 +378,12 @@ def _deliver_all(
     fresh_only: bool = False,
 ) -> None:
     store = send.builder.store
+    for issue in issues:
+        reap(store, issue.id)  # a dead holder's rows count as free below
     # Only what no other process holds: a join finding everything taken opens no connection.
     work = [(issue, _free(store.delivery_counts(issue.id), fresh_only)) for issue in issues]
     if not any(pending for _, pending in work):
-        report.issues += [send.deliver(issue, sender, fresh_only) for issue, _ in work]
+        report.issues += [send.counted(issue) for issue, _ in work]
         return
     # The sender is opened only when there is something to send: "nothing new" needs no
     # mail server, and a server that is down leaves the built issue pending for the next run.

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from .errors import BusyError, StoreError
 from .storage import Storage
@@ -22,24 +23,49 @@ from .storage import Storage
 Opener = Callable[[float], Storage]
 
 
+def _host() -> str:
+    """This host as lock and batch holders name it: where a pid can be looked up. The
+    hostname alone is not that: two VMs may share one, and containers sharing one (host
+    networking) each have their own pid 1. So the boot id and the PID namespace go with it."""
+    name = socket.gethostname().replace(":", "_")
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        return f"{name}#{boot}.{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return name
+
+
+HOST = _host()
+
+
+def shown_host(host: str) -> str:
+    """A holder's host as people know it: its hostname."""
+    return host.partition("#")[0]
+
+
+def pid_gone(host: str, pid: int) -> bool:
+    """True only when a holder is known dead: on this host, and its pid is gone."""
+    if host != HOST:
+        return False  # another machine: only the expiry time can tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def lock_owner() -> str:
     """A name for this holder that no other process, here or elsewhere, will have."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{HOST}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def alive(owner: str) -> bool:
     """False only when ``owner`` is known dead: its host is this one and its pid is gone."""
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # another machine: only the expiry time can tell
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return not pid.isdigit() or not pid_gone(host, int(pid))
 
 
 def acquire(store: Storage, name: str, owner: str, ttl: float) -> str | None:
@@ -69,8 +95,8 @@ class ScheduleLock:
             if time.monotonic() >= deadline or (self.stop is not None and self.stop.is_set()):
                 host, _, rest = holder.partition(":")
                 raise BusyError(
-                    f"schedule {self.schedule!r} is being sent by another process"
-                    f" (pid {rest.partition(':')[0]} on {host}); nothing done",
+                    f"schedule {self.schedule!r} is being built by another process"
+                    f" (pid {rest.partition(':')[0]} on {shown_host(host)}); nothing done",
                     hint="it finishes the issue itself; run again later or pass --wait SECONDS",
                 )
             time.sleep(0.5)

@@ -200,6 +200,22 @@ class Pacer:
             self._day[_hour(hour)] = self._day.get(_hour(hour), 0) + n
         self._reserved = 0
 
+    @property
+    def counts_days(self) -> bool:
+        """Whether it keeps a day quota (and so wants the store's count, ``recount``)."""
+        return self.rates is not None and self.rates.per_day is not None
+
+    def recount(self, history: Iterable[tuple[datetime, int]]) -> None:
+        """The store's hour buckets again, as other processes sending through the same
+        sender wrote them too: the day quota is the sum of all of them, not this process's
+        alone. Messages accepted here and not yet written are not in it; they are few (those
+        on the connections), and the next recount has them."""
+        day: dict[datetime, int] = {}
+        for hour, n in history:
+            day[_hour(hour)] = day.get(_hour(hour), 0) + n
+        with self._lock:
+            self._day = day
+
     # -- what status shows -------------------------------------------------------------------
 
     @property

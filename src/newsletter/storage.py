@@ -273,12 +273,20 @@ class Storage(Protocol):
         """Claim up to ``size`` pending rows nobody holds, after ``after``; how many."""
         ...
 
-    def renew_batch(self, batch: str, lease: float) -> bool:
-        """Extend the lease; False when it had run out (the batch must stop)."""
+    def renew_batch(self, batch: str, lease: float, sent: int = 0) -> bool:
+        """Extend the lease (and note how many it sent); False when it had run out."""
         ...
 
     def release_batch(self, batch: str) -> int:
-        """Give the batch's rows still pending back to anyone; how many."""
+        """The holder is done: its rows still pending are anyone's again; how many."""
+        ...
+
+    def reap_batch(self, batch: str, expired_only: bool = True) -> int:
+        """Take a batch whose lease has run out (or whose holder is dead); rows freed."""
+        ...
+
+    def free_orphans(self, issue_id: int) -> int:
+        """Free pending rows whose batch is gone (skipped while being written); how many."""
         ...
 
     def batches(self, issue_id: int | None = None) -> list[Batch]:

@@ -141,6 +141,14 @@ class Sender:
         """What this sender sent in the last day, hour by hour (the store's count), and the
         clock to count on: for a sender with a day quota. Called before ``open``."""
 
+    def counts_days(self) -> bool:
+        """True for a sender with a day quota: it is told the store's count again while it
+        sends (``recount``), since other processes send through it too."""
+        return False
+
+    def recount(self, history: list[tuple[datetime, int]]) -> None:
+        """The store's count of the last day again, every process's sends included."""
+
     def lanes(self) -> int:
         """How many messages this sender can have on the way at once (its connections).
 

@@ -149,6 +149,12 @@ class SmtpSender(Sender):
         self.pacer = Pacer(opts.rate_limit, history=history, max_hold=opts.backoff_max, wall=wall)
         self.pace = _Pace(self.pacer, opts.patience)
 
+    def counts_days(self) -> bool:
+        return self.pacer.counts_days
+
+    def recount(self, history: list[tuple[datetime, int]]) -> None:
+        self.pacer.recount(history)
+
     @property
     def port(self) -> int:
         return self.options.port or (465 if self.options.ssl else 587)

@@ -14,11 +14,8 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ..model import Batch, DeliveryStatus, now
+from ..model import Batch, now
 from .rows import iso
-
-_PENDING = DeliveryStatus.PENDING.value
-_SENT = DeliveryStatus.SENT.value
 
 
 class SharedClaims:
@@ -92,34 +89,66 @@ class SharedClaims:
                 self.execute("DELETE FROM batches WHERE id = ?", (batch,))
         return int(claimed)
 
-    def renew_batch(self, batch: str, lease: float) -> bool:
-        """Extend the lease by ``lease`` seconds from now; False when it has run out (or was
+    def renew_batch(self, batch: str, lease: float, sent: int = 0) -> bool:
+        """Extend the lease by ``lease`` seconds from now, and note how many of its rows the
+        holder has sent (for status); False when the lease has run out (or the batch was
         reaped): the rows may be another's already, and the batch must not send on."""
         clock = self.DB_NOW
         cur = self.execute(
-            f"UPDATE batches SET lease_until = {clock} + ? WHERE id = ? AND lease_until > {clock}",
-            (lease, batch),
+            f"UPDATE batches SET lease_until = {clock} + ?, sent = ? WHERE id = ? AND lease_until > {clock}",
+            (lease, sent, batch),
         )
         return bool(cur.rowcount)
 
     def release_batch(self, batch: str) -> int:
-        """Give the batch's rows still pending back to anyone; how many."""
+        """The holder is done with the batch: its rows still pending are anyone's again; how
+        many."""
         with self.transaction(serial=False):
-            freed = self.execute(
-                f"UPDATE deliveries SET claimed_by = NULL WHERE claimed_by = ? AND status = '{_PENDING}'",
-                (batch,),
-            ).rowcount
             self.execute("DELETE FROM batches WHERE id = ?", (batch,))
-        return int(freed)
+            return self._free(batch)
+
+    def reap_batch(self, batch: str, expired_only: bool = True) -> int:
+        """Take a batch from its holder: with ``expired_only``, only if its lease has run
+        out by the database's clock now (a renewal that just came in wins); without, because
+        its holder is known dead. How many rows it frees (0: not taken)."""
+        expired = f" AND lease_until <= {self.DB_NOW}" if expired_only else ""
+        with self.transaction(serial=False):
+            if not self.execute(f"DELETE FROM batches WHERE id = ?{expired}", (batch,)).rowcount:
+                return 0
+            return self._free(batch)
+
+    def free_orphans(self, issue_id: int) -> int:
+        """Free the pending rows whose batch is gone: rows its holder was still writing when
+        it was reaped (skipped then, not waited for)."""
+        return int(
+            self.execute(
+                "UPDATE deliveries SET claimed_by = NULL WHERE issue_id = ? AND recipient IN"
+                " (SELECT d.recipient FROM deliveries d WHERE d.issue_id = ? AND d.status = 'pending'"
+                " AND d.claimed_by IS NOT NULL AND NOT EXISTS"
+                f" (SELECT 1 FROM batches b WHERE b.id = d.claimed_by){self.SKIP_LOCKED})",
+                (issue_id, issue_id),
+            ).rowcount
+        )
+
+    def _free(self, batch: str) -> int:
+        # Rows another transaction is writing right now (the holder marking them) are skipped,
+        # never waited for, so a reaper and a holder cannot deadlock; free_orphans gets them.
+        return int(
+            self.execute(
+                "UPDATE deliveries SET claimed_by = NULL WHERE claimed_by = ? AND status = 'pending'"
+                " AND recipient IN (SELECT recipient FROM deliveries WHERE claimed_by = ?"
+                f" AND status = 'pending'{self.SKIP_LOCKED})",
+                (batch, batch),
+            ).rowcount
+        )
 
     def batches(self, issue_id: int | None = None) -> list[Batch]:
         """The batches held now (of one issue, or of all), oldest claim first."""
-        where = "" if issue_id is None else " WHERE b.issue_id = ?"
+        where = "" if issue_id is None else " WHERE issue_id = ?"
         rows = self.execute(
-            "SELECT b.id, b.issue_id, b.host, b.pid, b.size,"
-            f" {self.DB_NOW} - b.claimed_at AS age, b.lease_until - {self.DB_NOW} AS lease_left,"
-            " (SELECT COUNT(*) FROM deliveries d WHERE d.claimed_by = b.id"
-            f" AND d.status = '{_SENT}') AS sent FROM batches b{where} ORDER BY b.claimed_at, b.id",
+            "SELECT id, issue_id, host, pid, size, sent,"
+            f" {self.DB_NOW} - claimed_at AS age, lease_until - {self.DB_NOW} AS lease_left"
+            f" FROM batches{where} ORDER BY claimed_at, id",
             () if issue_id is None else (issue_id,),
         ).fetchall()
         return [

@@ -14,10 +14,13 @@ CREATE TABLE batches (
     pid INTEGER NOT NULL,
     claimed_at REAL NOT NULL,         -- the database's clock, Unix seconds
     lease_until REAL NOT NULL,        -- past this the rows are anyone's again
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    sent INTEGER NOT NULL DEFAULT 0    -- as the holder last said, for status
 );
 ALTER TABLE deliveries ADD COLUMN claimed_by TEXT;  -- batches.id while a batch holds the row
--- Only rows nobody holds are searched for a claim; only held rows are counted for status.
+-- A claim searches only the rows nobody holds; a release or a reaper only the rows still
+-- held (a row keeps the id of the batch that sent it, outside both indexes).
 CREATE INDEX deliveries_free ON deliveries (issue_id, recipient)
     WHERE status = 'pending' AND claimed_by IS NULL;
-CREATE INDEX deliveries_claimed ON deliveries (claimed_by) WHERE claimed_by IS NOT NULL;
+CREATE INDEX deliveries_claimed ON deliveries (claimed_by)
+    WHERE status = 'pending' AND claimed_by IS NOT NULL;
