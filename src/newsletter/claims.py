@@ -13,8 +13,9 @@ taken over: before a message goes, its batch's lease is checked against this pro
 clock (CLOCK_BOOTTIME, which runs on while the process is stopped and while the machine
 sleeps), with a margin. At most the messages already on the wire go twice, as after a crash.
 
-A batch whose rows all have an outcome is given back at once, so a run holds (and renews,
-and the reapers look at) only the batches it is still sending.
+A batch whose rows all have an outcome is given back at once (between two transactions),
+so a run holds, renews, and the reapers look at, only the batches it is still sending. A
+reader a server deferred is pending again then, tried by a later retry run, never by a join.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def reap(store: Storage, issue_id: int) -> int:
             freed += store.reap_batch(batch.id)  # unless a renewal came in meanwhile
         elif holder_gone(batch):
             freed += store.reap_batch(batch.id, expired_only=False)
-    return freed + store.free_orphans(issue_id)
+    return freed + store.free_orphans(issue_id)  # none on SQLite: nothing is skipped there
 
 
 class _Held:
@@ -76,7 +77,6 @@ class _Held:
     def __init__(self, until: float) -> None:
         self.until = until
         self.open = 0  # rows handed to the delivery loop, outcome not in yet
-        self.deferred = 0  # rows answered "pending" (a 4xx): kept until the run ends
         self.sent = 0
         self.yielded = False  # every row of it has been handed out
 
@@ -101,6 +101,7 @@ class Claims:
         self.size, self.lease, self.fresh_only, self.clock = size, lease, fresh_only, clock
         self.held: dict[str, _Held] = {}  # batch id -> its state, while this run holds it
         self.lost: set[str] = set()  # batches whose lease ran out under us
+        self.finished: set[str] = set()  # every row answered: to give back at the next tick
         self.of: dict[str, str] = {}  # recipient -> batch id, until its outcome is in
         self.refused = 0  # outcomes not written: their batch was another's by then
         self.renewed = clock()
@@ -128,7 +129,7 @@ class Claims:
                     _live.discard(batch)
                 return
             held = self.held[batch] = _Held(started + self.lease * TRUST)
-            rows = self.store.pending(self.issue_id, self.list_name, limit=claimed, batch=batch)
+            rows = self.store.pending(self.issue_id, self.list_name, after, limit=claimed, batch=batch)
             for row in rows:
                 self.of[row.recipient] = batch
             held.open = len(rows)
@@ -146,32 +147,36 @@ class Claims:
         """May this row's message go now: its batch is still ours, by our own clock."""
         batch = self.of.get(recipient)
         if batch is None:
-            return True
+            return False  # not a row of this run's batches
         held = self.held.get(batch)
         return held is not None and batch not in self.lost and self.clock() < held.until
 
-    def answered(self, recipient: str, sent: bool = False, deferred: bool = False) -> None:
-        """The row's outcome is in (``deferred``: it is pending again, for a later run)."""
+    def answered(self, recipient: str, sent: bool = False) -> None:
+        """The row's outcome is in."""
         batch = self.of.pop(recipient, None)
         held = self.held.get(batch) if batch is not None else None
         if batch is None or held is None:
             return
         held.open -= 1
         held.sent += sent
-        held.deferred += deferred
         self._done_with(batch)
 
     def _done_with(self, batch: str) -> None:
-        # Nothing of it left to send or to hold back: give it up now rather than renew it.
+        # Nothing of it left to send: given up at the next tick (outside the transaction
+        # the outcome is written in) rather than renewed.
         held = self.held[batch]
-        if held.yielded and held.open <= 0 and not held.deferred and batch not in self.lost:
-            try:
-                self.store.release_batch(batch)
-            except StoreError:
-                return  # the run is failing anyway; release() or a reaper tries again
+        if held.yielded and held.open <= 0 and batch not in self.lost:
+            self.finished.add(batch)
+
+    def tick(self) -> None:
+        """Between two transactions: give back the batches done with, renew the others."""
+        for batch in sorted(self.finished):
+            self.store.release_batch(batch)
+            self.finished.discard(batch)
             del self.held[batch]
             with _live_lock:
                 _live.discard(batch)
+        self.renew()
 
     def renew(self) -> None:
         """Extend every held batch's lease, at most every third of it (called outside any
@@ -181,7 +186,7 @@ class Claims:
             return
         self.renewed = self.clock()
         for batch, held in list(self.held.items()):
-            if batch in self.lost:
+            if batch in self.lost or batch in self.finished:
                 continue
             started = self.clock()
             if self.store.renew_batch(batch, self.lease, held.sent):

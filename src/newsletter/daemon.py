@@ -143,6 +143,8 @@ class Daemon:
         # This daemon's own send of the schedule first: a daemon busy with a long join must
         # not claim the due time and then sit on it while the others wait for its issue.
         with self._sending_lock(name):
+            if self.stop.is_set():
+                return  # stopped while a join or retry of the schedule was finishing
             if due is not None and not self._claim(f"digest:{name}", due):
                 log.info(
                     f"the digest due at {due:%Y-%m-%d %H:%M:%S} UTC was fired by another daemon",

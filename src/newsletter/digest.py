@@ -208,13 +208,13 @@ class _Send:
 
         def prepare(item: Pending) -> Attempt | None:
             key, sub = item.recipient, item.subscriber
-            claims.renew()
+            claims.tick()
             if not claims.usable(key):
                 return None  # its batch's lease ran out while we were away: another's now
             # Unsubscribed addresses are skipped even while they are still in the CSV.
             if sub is None or item.suppressed:
                 why = "unsubscribed" if item.suppressed else f"not in {self.subscribers.path.name}"
-                store.skip_delivery(issue.id, key, why)
+                store.skip_delivery(issue.id, key, why, claims.batch_of(key))
                 report.skipped += 1
                 claims.answered(key)
                 return None
@@ -230,13 +230,15 @@ class _Send:
 
         def record(item: Pending, outcome: Outcome, error: str, where: str) -> None:
             batch = claims.batch_of(item.recipient)
-            written = store.record_delivery(issue.id, item.recipient, DeliveryStatus(outcome), error, batch)
+            written = batch is not None and store.record_delivery(
+                issue.id, item.recipient, DeliveryStatus(outcome), error, batch
+            )
             if not written:
                 claims.refused += 1  # our lease ran out: the row is another's, who sends it
             elif outcome == Outcome.SENT:
                 sent_now[0] += 1
                 sent_now[1] += 1
-            claims.answered(item.recipient, written and outcome == Outcome.SENT, outcome == Outcome.PENDING)
+            claims.answered(item.recipient, written and outcome == Outcome.SENT)
 
         recounted = [time.monotonic()]
 
@@ -266,7 +268,7 @@ class _Send:
                 progress=self.progress,
                 hold=hold,
                 batch=batch,
-                tick=claims.renew,  # also while every lane waits (a slow server, a quota)
+                tick=claims.tick,  # also while every lane waits (a slow server, a quota)
             )
         else:
             run = deliver(
@@ -292,8 +294,8 @@ def _start(ctx: RunContext, name: str, progress: Progress | None, reread: bool =
     builder = IssueBuilder(ctx, name)
     if reread:
         return _Send(builder, sync(ctx.store, builder.list_name, builder.list_path), progress)
-    # Sending an issue already built: the list as its builder stored it, not this host's copy
-    # of the file (which may be older) hashed every few seconds in every daemon.
+    # A join, every few seconds in every daemon: the list as stored, not a hash of the file
+    # each time (a build or a retry reads it, so a removal from the file still counts).
     cached = ctx.store.subscriber_source(builder.list_name)
     listed = SubscriberList(builder.list_name, builder.list_path, cached.problems if cached else [])
     return _Send(builder, listed, progress)
@@ -339,7 +341,7 @@ def send_digest(
                 report.feeds = fetch(ctx, [name])
             _preview(send, report, force, to)
         return report
-    send = _start(ctx, name, progress, reread=build)
+    send = _start(ctx, name, progress, reread=not join)
     report = DigestReport(name, warnings=list(send.subscribers.problems))
     if fetch_feeds:
         # Fetching needs no lock: entries are keyed, and a second process only finds them known.

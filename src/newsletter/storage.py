@@ -169,7 +169,9 @@ class Storage(Protocol):
         only while the batch still holds the row: False when it does not (nothing written)."""
         ...
 
-    def skip_delivery(self, issue_id: int, recipient: str, reason: str) -> None: ...
+    def skip_delivery(self, issue_id: int, recipient: str, reason: str, batch: str | None = None) -> None:
+        """A pending delivery that will not be made (with ``batch``: while it holds the row)."""
+        ...
 
     def finish_issue_if_done(self, issue_id: int) -> bool:
         """Mark the issue complete if no delivery is pending; whether it now is."""

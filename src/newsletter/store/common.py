@@ -113,11 +113,12 @@ class SharedSql:
         )
         return bool(cur.rowcount)
 
-    def skip_delivery(self, issue_id: int, recipient: str, reason: str) -> None:
+    def skip_delivery(self, issue_id: int, recipient: str, reason: str, batch: str | None = None) -> None:
+        fence, by = ("", ()) if batch is None else (" AND claimed_by = ?", (batch,))
         self.execute(
             "UPDATE deliveries SET status = ?, last_error = ?, updated_at = ?"
-            " WHERE issue_id = ? AND recipient = ?",
-            (DeliveryStatus.SKIPPED, reason, iso(now()), issue_id, recipient),
+            f" WHERE issue_id = ? AND recipient = ? AND status = 'pending'{fence}",
+            (DeliveryStatus.SKIPPED, reason, iso(now()), issue_id, recipient, *by),
         )
 
     def finish_issue_if_done(self, issue_id: int) -> bool:
