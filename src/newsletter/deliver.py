@@ -290,12 +290,17 @@ def deliver_lanes(
     exhausted = False
     failure: BaseException | None = None  # not a sender's verdict: raised once the lanes stop
     last_error: DeliveryError | None = None
+
+    def refill() -> None:
+        nonlocal exhausted
+        if not feed.closed:
+            exhausted = _fill(feed, todo, prepare, record, run, 2 * alive, stop, hold)
+            if exhausted or run.paused or feed.run_stop.is_set():
+                feed.finish(drop=not exhausted)
+
     try:
         while alive:
-            if not feed.closed:
-                exhausted = _fill(feed, todo, prepare, record, run, 2 * alive, stop, hold)
-                if exhausted or run.paused or feed.run_stop.is_set():
-                    feed.finish(drop=not exhausted)
+            refill()
             if feed.run_stop.is_set() and not feed.stop.is_set():
                 feed.finish(drop=True)
             answered: list[_Ref[T]] = []
@@ -333,6 +338,11 @@ def deliver_lanes(
             feed.answered += len(answered)
             for ref in answered:
                 feed.out.discard(ref)
+            if answered:
+                # The next messages are queued before the lanes hear their last outcome is
+                # on disk: a lane then finds one to pipeline behind its end of data.
+                refill()
+            for ref in answered:
                 ref.on_disk.set()
             if progress and answered:
                 progress(len(answered))
