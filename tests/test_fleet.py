@@ -169,7 +169,7 @@ def test_a_daemon_frozen_past_its_lease_sends_nothing_the_other_took_over(
         frozen.proc.send_signal(signal.SIGCONT)
     # What the thawed one had queued or half-sent would go now: it must not, and says so.
     frozen.wait_for(
-        lambda: "event=lease-lost" in frozen.log or "event=job-error" in frozen.log, 30, "its word"
+        lambda: "event=lease-lost" in frozen.log or "event=job-error" in frozen.log, 60, "its word"
     )
     time.sleep(1)
     counts = box.by_recipient()
