@@ -163,7 +163,7 @@ def test_a_daemon_frozen_past_its_lease_sends_nothing_the_other_took_over(
     frozen.proc.send_signal(signal.SIGSTOP)
     try:
         # Its lease runs out (3 s), and a transaction it was frozen in is ended by the server
-        # (10 s): the other daemon reaps its batches and sends them, all while it is frozen.
+        # (15 s): the other daemon reaps its batches and sends them, all while it is frozen.
         wait(lambda: len(box.by_recipient()) == len(addresses), 90, "the other daemon to send all", two)
         assert frozen.proc.pid not in holders()
     finally:
