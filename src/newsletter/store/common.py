@@ -1,5 +1,5 @@
 """What both stores say in the same SQL: meta, issues and the ledger, suppressions, posts,
-targets and locks.
+targets and locks, and the staging of a new copy of a list.
 
 Written once, in sqlite3's ``?`` style (the PostgreSQL connection turns it into psycopg's),
 with columns read by name, which both drivers' rows answer. Each backend adds only what its
@@ -8,6 +8,7 @@ engine says differently (feeds and entries, new issues, the subscriber lists).
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
@@ -20,13 +21,15 @@ from ..model import (
     DisabledTarget,
     Issue,
     IssueStatus,
+    Pending,
     PostCounts,
     PostKind,
     PostStatus,
+    SubscriberRow,
     Suppression,
     now,
 )
-from .rows import iso, issue_row
+from .rows import iso, issue_row, subscriber_row
 
 
 class SharedSql:
@@ -120,6 +123,35 @@ class SharedSql:
             f" WHERE issue_id = ? AND recipient = ? AND status = 'pending'{fence}",
             (DeliveryStatus.SKIPPED, reason, iso(now()), issue_id, recipient, *by),
         )
+
+    def pending(
+        self, issue_id: int, list_name: str, after: str = "", limit: int = 500, batch: str | None = None
+    ) -> list[Pending]:
+        """The next ``limit`` deliveries still to be made, in recipient order after ``after``
+        (with ``batch``, only the rows it holds). A page at a time, so memory does not grow
+        with the list. Each comes with the subscriber as the list has them now: None when
+        they left the file since the issue was built."""
+        held, held_by = ("", ()) if batch is None else (" AND d.claimed_by = ?", (batch,))
+        rows = self.execute(
+            "SELECT d.recipient, d.attempts, s.email, s.name, s.fields,"
+            " EXISTS (SELECT 1 FROM suppressions WHERE list_name = ? AND address = d.recipient)"
+            " AS suppressed FROM deliveries d LEFT JOIN subscribers s ON s.list_name = ?"
+            " AND s.generation = (SELECT generation FROM subscriber_lists WHERE name = ?)"
+            " AND s.key = d.recipient"
+            # 'pending' written out: a partial index on it is usable only so (a batch's rows).
+            f" WHERE d.issue_id = ? AND d.status = 'pending' AND d.recipient > ?{held}"
+            " ORDER BY d.recipient LIMIT ?",
+            (list_name, list_name, list_name, issue_id, after, *held_by, limit),
+        ).fetchall()
+        return [
+            Pending(
+                r["recipient"],
+                r["attempts"],
+                subscriber_row(r) if r["email"] is not None else None,
+                bool(r["suppressed"]),
+            )
+            for r in rows
+        ]
 
     def finish_issue_if_done(self, issue_id: int) -> bool:
         cur = self.execute(
@@ -233,3 +265,36 @@ class SharedSql:
 
     def release_lock(self, name: str, owner: str) -> None:
         self.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
+
+
+class Staging:
+    """The new copy of a list, in the connection's temporary ``subscriber_staging`` (in
+    ``schema``: SQLite's ``temp``, PostgreSQL's ``pg_temp``): ``storage.SubscriberStaging``."""
+
+    def __init__(self, store: SharedSql, schema: str, list_name: str, previous: int | None) -> None:
+        self.store, self.table = store, f"{schema}.subscriber_staging"
+        self.list_name, self.previous = list_name, previous
+
+    def checked(self, raw: str) -> str | None:
+        """The checked address ``raw`` became in the previous copy, so it is not checked twice."""
+        if self.previous is None:
+            return None
+        row = self.store.execute(
+            "SELECT email FROM subscribers WHERE list_name = ? AND generation = ? AND raw = ?",
+            (self.list_name, self.previous, raw),
+        ).fetchone()
+        return str(row["email"]) if row else None
+
+    def add(self, row: SubscriberRow) -> int | None:
+        """Add a subscriber; if the address is already in this copy, the line it is on."""
+        sub = row.subscriber
+        cur = self.store.execute(
+            f"INSERT INTO {self.table} (key, email, raw, name, fields, line)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (sub.key, sub.email, row.raw, sub.name, json.dumps(sub.fields), row.line),
+        )
+        if cur.rowcount:
+            return None
+        first = self.store.execute(f"SELECT line FROM {self.table} WHERE key = ?", (sub.key,)).fetchone()
+        assert first is not None  # the conflict was with this very row
+        return int(first["line"])

@@ -20,20 +20,18 @@ from ..model import (
     IssueStatus,
     ListedSubscriber,
     ListSource,
-    Pending,
     PendingPost,
     PostKind,
     PostStatus,
     StoredEntry,
     Subscriber,
     SubscriberCounts,
-    SubscriberRow,
     clamp_ttl,
     now,
 )
 from ..storage import ListReader
 from .claims import SharedClaims
-from .common import SharedSql
+from .common import SharedSql, Staging
 from .database import Database
 from .rows import entry_row, feed_row, iso, subscriber_row
 from .usage import SenderUsage
@@ -213,38 +211,6 @@ class SQLiteStore(Database, SenderUsage, SharedClaims, SharedSql):
                 )
         return Issue(issue_id, schedule, number, stamp, IssueStatus.SENDING, entry_ids, subject, payload)
 
-    def pending(
-        self, issue_id: int, list_name: str, after: str = "", limit: int = 500, batch: str | None = None
-    ) -> list[Pending]:
-        """The next ``limit`` deliveries still to be made, in recipient order after ``after``.
-
-        A page at a time, so memory does not grow with the list. Each comes with the
-        subscriber as the list has them now: None when they left the file since the issue
-        was built."""
-        held, held_by = ("", ()) if batch is None else (" AND d.claimed_by = ?", (batch,))
-        rows = self.execute(
-            "SELECT d.recipient, d.attempts, s.email, s.name, s.fields,"
-            " EXISTS (SELECT 1 FROM suppressions WHERE list_name = ? AND address = d.recipient)"
-            " AS suppressed FROM deliveries d LEFT JOIN subscribers s ON s.list_name = ?"
-            " AND s.generation = (SELECT generation FROM subscriber_lists WHERE name = ?)"
-            " AND s.key = d.recipient"
-            # 'pending' written out: a partial index on it is usable only so (a batch's rows).
-            f" WHERE d.issue_id = ? AND d.status = 'pending' AND d.recipient > ?{held}"
-            " ORDER BY d.recipient LIMIT ?",
-            (list_name, list_name, list_name, issue_id, after, *held_by, limit),
-        ).fetchall()
-        return [
-            Pending(
-                r["recipient"],
-                r["attempts"],
-                subscriber_row(r) if r["email"] is not None else None,
-                bool(r["suppressed"]),
-            )
-            for r in rows
-        ]
-
-    # -- subscriber lists: subscribers/NAME.csv, checked once per change of the file ---------
-
     def subscriber_source(self, list_name: str) -> ListSource | None:
         """Which file the stored copy was read from and its problems; None if never read."""
         row = self.execute(
@@ -262,7 +228,7 @@ class SQLiteStore(Database, SenderUsage, SharedClaims, SharedSql):
         self.execute(STAGING)
         self.execute("DELETE FROM temp.subscriber_staging")
         row = self.execute("SELECT generation FROM subscriber_lists WHERE name = ?", (list_name,)).fetchone()
-        staging = _Staging(self, list_name, int(row["generation"]) if row and reuse else None)
+        staging = Staging(self, "temp", list_name, int(row["generation"]) if row and reuse else None)
         try:
             with self.transaction(write=False):
                 problems = read(staging)
@@ -341,35 +307,3 @@ class SQLiteStore(Database, SenderUsage, SharedClaims, SharedSql):
         return [PendingPost(r["item_id"], PostKind(r["kind"]), r["ref"], r["attempts"]) for r in rows]
 
     # -- locks: one run of a schedule at a time, across processes ----------------------------
-
-
-class _Staging:
-    """The new copy of a list, in ``temp.subscriber_staging``: ``storage.SubscriberStaging``."""
-
-    def __init__(self, store: Database, list_name: str, previous: int | None) -> None:
-        self.store, self.list_name, self.previous = store, list_name, previous
-
-    def checked(self, raw: str) -> str | None:
-        """The checked address ``raw`` became in the previous copy, so it is not checked twice."""
-        if self.previous is None:
-            return None
-        row = self.store.execute(
-            "SELECT email FROM subscribers WHERE list_name = ? AND generation = ? AND raw = ?",
-            (self.list_name, self.previous, raw),
-        ).fetchone()
-        return str(row["email"]) if row else None
-
-    def add(self, row: SubscriberRow) -> int | None:
-        """Add a subscriber; if the address is already in this copy, the line it is on."""
-        sub = row.subscriber
-        cur = self.store.execute(
-            "INSERT INTO temp.subscriber_staging (key, email, raw, name, fields, line)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (sub.key, sub.email, row.raw, sub.name, json.dumps(sub.fields), row.line),
-        )
-        if cur.rowcount:
-            return None
-        first = self.store.execute(
-            "SELECT line FROM temp.subscriber_staging WHERE key = ?", (sub.key,)
-        ).fetchone()
-        return int(first["line"])
