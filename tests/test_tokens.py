@@ -32,3 +32,37 @@ def test_an_old_token_expires() -> None:
     assert tokens.read(token, max_age_days=1) == ("weekly", "ann@example.com")
     with pytest.raises(TokenError, match="expired"):
         tokens.read(token, max_age_days=-1)
+
+
+@pytest.mark.parametrize(
+    ("list_name", "address"),
+    [
+        ("weekly", "ann@example.com"),
+        ("weekly", "Ann.Smith+news@Example.COM"),
+        ("Café list", "zoë@exämple.org"),  # non-ASCII: JSON's \\u escapes, as the serializer's
+        ('odd "quoted" \\ list', "o'brien@example.net"),
+    ],
+)
+def test_a_token_is_what_a_stock_serializer_makes_of_the_same_payload(
+    list_name: str, address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    monkeypatch.setattr(time, "time", lambda: 1_764_000_000.75)
+    stock = URLSafeTimedSerializer("s3cret", salt=SALT).dumps([list_name, address.lower()])
+    made = UnsubscribeTokens("s3cret").make(list_name, address)
+    assert made == stock
+    assert UnsubscribeTokens("s3cret").read(made) == (list_name, address.lower())
+
+
+def test_tokens_made_a_second_apart_carry_their_own_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    tokens = UnsubscribeTokens("s3cret")
+    monkeypatch.setattr(time, "time", lambda: 1_764_000_000.0)
+    first = tokens.make("weekly", "ann@example.com")
+    monkeypatch.setattr(time, "time", lambda: 1_764_000_001.0)
+    second = tokens.make("weekly", "ann@example.com")
+    assert first != second
+    _, signed_at = URLSafeTimedSerializer("s3cret", salt=SALT).loads(second, return_timestamp=True)
+    assert signed_at.timestamp() == 1_764_000_001

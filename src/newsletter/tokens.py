@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import hmac
+import time
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
-from itsdangerous.encoding import base64_encode
+from itsdangerous.encoding import base64_encode, int_to_bytes
 
 SALT = "newsletter.unsubscribe"
 
@@ -34,14 +36,27 @@ class _Signer(TimestampSigner):
 class UnsubscribeTokens:
     def __init__(self, secret: str) -> None:
         self._serializer = URLSafeTimedSerializer(secret, salt=SALT, signer=_Signer)
-        # dumps() builds a new signer per call; one per run keeps the per-subscriber cost down.
-        self._signer = self._serializer.make_signer()
+        self._key = self._serializer.make_signer().derive_key()
+        self._heads: dict[str, bytes] = {}
+        self._stamp: tuple[int, bytes] = (0, b"")
 
     def make(self, list_name: str, email: str) -> str:
-        # The serializer's own dump_payload tries zlib on every call (13 us) and never wins on
-        # a payload this short; an uncompressed payload is one its loads() reads all the same.
-        data = json.dumps([list_name, email.lower()], separators=(",", ":")).encode()
-        return self._signer.sign(base64_encode(data)).decode("ascii")
+        """What ``URLSafeTimedSerializer(secret, salt=SALT).dumps([list, address])`` gives,
+        byte for byte, less its per-call work: this runs for every subscriber of an issue.
+
+        The payload is the serializer's compact UTF-8 JSON, uncompressed (it tries zlib on every
+        call, 13 us, and only wins on a freak address; its loads() reads both), the signature
+        its HMAC-SHA1 under its derived key, derived once.
+        """
+        head = self._heads.get(list_name)
+        if head is None:
+            head = self._heads[list_name] = f"[{encode_basestring(list_name)},".encode()
+        second = int(time.time())
+        if self._stamp[0] != second:
+            self._stamp = (second, b"." + base64_encode(int_to_bytes(second)))
+        data = head + encode_basestring(email.lower()).encode() + b"]"
+        value = base64_encode(data) + self._stamp[1]
+        return (value + b"." + base64_encode(hmac.digest(self._key, value, "sha1"))).decode("ascii")
 
     def read(self, token: str, max_age_days: float | None = None) -> tuple[str, str]:
         """(list, address) of a genuine token; TokenError otherwise."""
