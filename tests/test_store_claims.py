@@ -104,6 +104,31 @@ def test_a_mark_is_written_only_while_the_batch_holds_the_row(store: Store) -> N
     assert (counts.sent, counts.pending) == (2, 1)
 
 
+def test_marks_written_together_are_each_fenced_by_their_own_batch(store: Store) -> None:
+    issue = issue_for(store, 6)
+    store.claim_batch(issue, "gone", HOST, 1, size=3, lease=30)
+    store.claim_batch(issue, "ours", HOST, 2, size=3, lease=30)
+    lost, ours = held(store, "gone", issue), held(store, "ours", issue)
+    store.release_batch("gone")
+    store.claim_batch(issue, "theirs", HOST, 3, size=3, lease=30)  # another process has them now
+    group = [
+        (ours[0], DeliveryStatus.SENT, "", "ours"),
+        (lost[0], DeliveryStatus.SENT, "", "gone"),
+        (ours[1], DeliveryStatus.PENDING, "451 later", "ours"),
+        (lost[1], DeliveryStatus.FAILED, "550 no", "gone"),
+        (ours[2], DeliveryStatus.FAILED, "550 no such user", "ours"),
+    ]
+    with store.transaction(serial=False):
+        assert store.record_deliveries(issue, group) == [True, False, True, False, True]
+    assert store.record_deliveries(issue, [(ours[0], DeliveryStatus.SENT, "", "ours")]) == [True]
+    assert store.record_deliveries(issue, []) == []
+    counts = store.delivery_counts(issue)
+    assert (counts.sent, counts.failed, counts.pending) == (1, 1, 4)
+    assert held(store, "theirs", issue) == lost  # untouched: still theirs to send
+    again = [p for p in store.pending(issue, "readers", limit=10, batch="ours")]
+    assert [(p.recipient, p.attempts) for p in again] == [(ours[1], 1)]
+
+
 def test_a_lease_runs_out_by_the_database_clock_and_cannot_be_renewed_after(store: Store) -> None:
     issue = issue_for(store, 2)
     store.claim_batch(issue, "b", HOST, os.getpid(), size=2, lease=1)

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int], None]  # called with how many messages were just handled
 RECOUNT = 1.0  # seconds between two reads of a day quota's count while sending
+_STATUS = {o: DeliveryStatus(o.value) for o in Outcome}  # the ledger's word for each outcome
 
 
 @dataclass
@@ -227,27 +228,45 @@ class _Send:
             return Attempt(lambda: sender.send(out), item.attempts, sub.email, out, valid)
 
         sent_now = [0, 0]  # sent since the last count_sent; sent by this run in all
+        group: list[tuple[Pending, Outcome, str]] | None = None  # outcomes to write together
+
+        def settle(done: list[tuple[Pending, Outcome, str]]) -> None:
+            rows = []
+            for item, outcome, error in done:
+                if (held_by := claims.batch_of(item.recipient)) is not None:
+                    rows.append((item.recipient, _STATUS[outcome], error, held_by))
+            written = dict(zip([r[0] for r in rows], store.record_deliveries(issue.id, rows), strict=True))
+            for item, outcome, _ in done:
+                ok = written.get(item.recipient, False)
+                if not ok:
+                    claims.refused += 1  # our lease ran out: the row is another's, who sends it
+                elif outcome == Outcome.SENT:
+                    sent_now[0] += 1
+                    sent_now[1] += 1
+                claims.answered(item.recipient, ok and outcome == Outcome.SENT)
 
         def record(item: Pending, outcome: Outcome, error: str, where: str) -> None:
-            batch = claims.batch_of(item.recipient)
-            written = batch is not None and store.record_delivery(
-                issue.id, item.recipient, DeliveryStatus(outcome), error, batch
-            )
-            if not written:
-                claims.refused += 1  # our lease ran out: the row is another's, who sends it
-            elif outcome == Outcome.SENT:
-                sent_now[0] += 1
-                sent_now[1] += 1
-            claims.answered(item.recipient, written and outcome == Outcome.SENT)
+            if group is None:
+                settle([(item, outcome, error)])
+            else:
+                group.append((item, outcome, error))
 
         recounted = [time.monotonic()]
 
         @contextlib.contextmanager
         def batch() -> Iterator[None]:
-            # The day's count (a quota's) is written with the ledger rows it counts. Fenced
-            # row by row: no need to take turns with the other processes sending.
+            # The outcomes that came together are written with one statement at the end, and
+            # the day's count (a quota's) with the rows it counts. Fenced row by row: no need
+            # to take turns with the other processes sending.
+            nonlocal group
             with store.transaction(serial=False):
-                yield
+                group = []
+                try:
+                    yield
+                    done = group
+                finally:
+                    group = None
+                settle(done)
                 if sent_now[0]:
                     store.count_sent(sender.name, self.ctx.clock(), sent_now[0])
                     sent_now[0] = 0

@@ -12,7 +12,7 @@ in flight.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, Protocol, Self
@@ -167,6 +167,13 @@ class Storage(Protocol):
     ) -> bool:
         """One attempt's outcome, committed at once (outside a transaction). With ``batch``
         only while the batch still holds the row: False when it does not (nothing written)."""
+        ...
+
+    def record_deliveries(
+        self, issue_id: int, outcomes: Sequence[tuple[str, DeliveryStatus, str, str]]
+    ) -> list[bool]:
+        """Outcomes that came together, ``(recipient, status, error, batch)`` each, in one
+        statement; each written only while its batch holds the row: whether it was."""
         ...
 
     def skip_delivery(self, issue_id: int, recipient: str, reason: str, batch: str | None = None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -95,5 +95,15 @@ class Database:
         try:
             return self.db.execute(sql, tuple(args))
         except sqlite3.OperationalError as exc:
-            hint = "another newsletter process may hold it; try again" if "locked" in str(exc) else ""
-            raise StoreError(f"{self.path}: {exc}", hint=hint) from None
+            raise self._error(exc) from None
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """One statement for every row of ``rows``; how many rows it changed in all."""
+        try:
+            return self.db.executemany(sql, rows).rowcount
+        except sqlite3.OperationalError as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: sqlite3.OperationalError) -> StoreError:
+        hint = "another newsletter process may hold it; try again" if "locked" in str(exc) else ""
+        return StoreError(f"{self.path}: {exc}", hint=hint)

@@ -15,7 +15,7 @@ import enum
 import functools
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -223,16 +223,30 @@ class PgDatabase:
 
     def execute(self, sql: str, args: Iterable[Any] = ()) -> psycopg.Cursor[dict[str, Any]]:
         """Run one statement; a database error is a StoreError that says what to check."""
+        self._migrated()
+        try:
+            return self.db.execute(_pyformat(sql), _params(args) or None)
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """One statement for every row of ``rows``, pipelined (one round trip, not one a row);
+        how many rows it changed in all."""
+        self._migrated()
+        try:
+            with self.db.cursor() as cur:
+                cur.executemany(_pyformat(sql), [_params(r) for r in rows])
+                return cur.rowcount
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+
+    def _migrated(self) -> None:
         if self._behind:
             names = ", ".join(self.pending_migrations())
             raise StoreError(
                 f"{self.path}: the state database lacks migration(s) {names}",
                 hint="run `newsletter db migrate` (once, from any one machine)",
             )
-        try:
-            return self.db.execute(_pyformat(sql), _params(args) or None)
-        except psycopg.Error as exc:
-            raise self._error(exc) from None
 
     def _error(self, exc: psycopg.Error) -> StoreError:
         return StoreError(f"{self.path}: {_message(exc)}", hint=_hint(exc, self.server))
