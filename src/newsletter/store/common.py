@@ -124,8 +124,8 @@ class SharedSql:
         """Write outcomes that came together, each ``(recipient, status, error, batch)`` and
         each only while its batch still holds the row; whether each was written. One
         statement for the group: on PostgreSQL one round trip, not one a row."""
-        if not outcomes:
-            return []
+        if len(outcomes) <= 1:  # its own rowcount says: no transaction needed around it
+            return [self.record_delivery(issue_id, *outcome) for outcome in outcomes]
         stamp = iso(now())
         with self.transaction(serial=False):  # the check below must see what the update saw
             written = self.executemany(
