@@ -23,6 +23,7 @@ import contextlib
 import enum
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -157,9 +158,10 @@ def _judge(
     return True
 
 
-# After the first outcome, how long to wait for the next before writing: a commit per
-# outcome costs more CPU than the message; a lane waits at most this long for its record.
-GATHER = 0.002
+# After the first outcome, how long to wait for others before writing them together: a commit
+# per outcome costs more CPU than its message, and every lane that answered waits for the
+# commit before its next end of data (at a distance that wait is on each message's round trip).
+GATHER = 0.001
 
 
 @dataclass(eq=False)
@@ -244,10 +246,11 @@ class _Feed:
             events = [self.events.get(timeout=0.5)]
         except queue.Empty:
             return []
+        until = time.monotonic() + GATHER
         with contextlib.suppress(queue.Empty):
             while len(events) < 500:
-                wait = GATHER if len(events) < lanes else 0.0
-                events.append(self.events.get(timeout=wait) if wait else self.events.get_nowait())
+                wait = until - time.monotonic() if len(events) < lanes else 0.0
+                events.append(self.events.get(timeout=wait) if wait > 0 else self.events.get_nowait())
         return events
 
     def fail(self) -> None:
@@ -294,7 +297,9 @@ def deliver_lanes(
     def refill() -> None:
         nonlocal exhausted
         if not feed.closed:
-            exhausted = _fill(feed, todo, prepare, record, run, 2 * alive, stop, hold)
+            # Each lane holds up to two (one answering, one whose envelope is out): one more
+            # each waits in the queue, so a lane finds one to pipeline behind its end of data.
+            exhausted = _fill(feed, todo, prepare, record, run, 3 * alive, alive, stop, hold)
             if exhausted or run.paused or feed.run_stop.is_set():
                 feed.finish(drop=not exhausted)
 
@@ -338,12 +343,12 @@ def deliver_lanes(
             feed.answered += len(answered)
             for ref in answered:
                 feed.out.discard(ref)
-            if answered:
-                # The next messages are queued before the lanes hear their last outcome is
-                # on disk: a lane then finds one to pipeline behind its end of data.
-                refill()
+            # The lanes hear first (they wait on it); the queue's spare messages (a third of
+            # its capacity) cover what they take to pipeline until the refill below.
             for ref in answered:
                 ref.on_disk.set()
+            if answered:
+                refill()
             if progress and answered:
                 progress(len(answered))
     except BaseException:
@@ -378,10 +383,12 @@ def _fill(
     record: Callable[[T, Outcome, str, str], None],
     run: Run,
     capacity: int,
+    spare: int,
     stop: threading.Event | None,
     hold: Callable[[], str] | None,
 ) -> bool:
-    """Hand out messages until ``capacity`` are out; True when there are no more."""
+    """Hand out messages until ``capacity`` are out, or outcomes wait to be written while
+    ``spare`` are queued; True when there are no more."""
     jobs: list[Job] = []
     while len(feed.out) < capacity:
         if stop is not None and stop.is_set():
@@ -406,6 +413,11 @@ def _fill(
         feed.out.add(ref)
         feed.handed += 1
         jobs.append(Job(attempt.message, ref, attempt.valid))
+        if len(feed.work) < spare:
+            feed.put(jobs)  # a lane may be about to look for one to pipeline: now, not at the end
+            jobs = []
+        elif not feed.events.empty():
+            break  # lanes wait for their outcomes to be written, and the queue has spares
     feed.put(jobs)
     return False
 
