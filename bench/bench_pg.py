@@ -26,10 +26,11 @@ complete and smtp-sink's own count equal to the recipients.
    messages from N reference clients with no store (``refclient.py``, pipelined, as many
    connections), and the ratio to the same run on SQLite in one process.
 2. store only, no SMTP: N processes drive ``Claims`` directly: claim, a fenced
-   ``record_delivery`` per row with ``--group`` marks and the day's count (``count_sent``) to
-   a transaction as the pipelined sender's loop writes them, release; timed from the moment
-   all N are connected. The limit beside it: N processes updating the same rows by key,
-   ``--group`` to a transaction too, and nothing else; and SQLite's store in one process.
+   ``record_deliveries`` of ``--group`` marks (one executemany, pipelined) and the day's
+   count (``count_sent``) to a transaction as the pipelined sender's loop writes them,
+   release; timed from the moment all N are connected. The limit beside it: N processes
+   updating the same rows by key, ``--group`` to a transaction too, and nothing else; and
+   SQLite's store in one process.
 
 A measuring script, not a test: it prints figures, and exits non-zero when a run did not
 deliver what it should have.
@@ -298,14 +299,15 @@ def claim_worker(
             # writes the outcomes that came back together; renewed between two such writes.
             while chunk := list(islice(rows, group)):
                 with store.transaction(serial=False):
-                    for row in chunk:
-                        batch = claims.batch_of(row.recipient)
-                        written = store.record_delivery(
-                            issue_id, row.recipient, DeliveryStatus.SENT, "", batch
-                        )
+                    group_of = [(r.recipient, claims.batch_of(r.recipient)) for r in chunk]
+                    marks = [(key, DeliveryStatus.SENT, "", b) for key, b in group_of if b is not None]
+                    answers = store.record_deliveries(issue_id, marks)
+                    done = dict(zip([m[0] for m in marks], answers, strict=True))
+                    for key, _ in group_of:
+                        written = done.get(key, False)
                         marked += written
                         refused += not written
-                        claims.answered(row.recipient, written)
+                        claims.answered(key, written)
                     store.count_sent(SENDER, now(), len(chunk))
                 claims.renew()
         finally:
