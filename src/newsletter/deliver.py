@@ -161,7 +161,7 @@ def _judge(
 # After the first outcome, how long to wait for others before writing them together: a commit
 # per outcome costs more CPU than its message, and every lane that answered waits for the
 # commit before its next end of data (at a distance that wait is on each message's round trip).
-GATHER = 0.001
+GATHER = 0.002
 
 
 @dataclass(eq=False)
