@@ -42,11 +42,12 @@ class UnsubscribeTokens:
 
     def make(self, list_name: str, email: str) -> str:
         """What ``URLSafeTimedSerializer(secret, salt=SALT).dumps([list, address])`` gives,
-        byte for byte, less its per-call work: this runs for every subscriber of an issue.
+        less its per-call work: this runs for every subscriber of an issue.
 
-        The payload is the serializer's compact UTF-8 JSON, uncompressed (it tries zlib on every
-        call, 13 us, and only wins on a freak address; its loads() reads both), the signature
-        its HMAC-SHA1 under its derived key, derived once.
+        The payload is the serializer's compact UTF-8 JSON, never compressed: ``dumps`` tries
+        zlib on every call (13 us) and uses it when that is shorter, which an address with a
+        repeated word can be; its ``loads`` reads both. Otherwise the bytes are the same: the
+        signature is its HMAC-SHA1 under its derived key, derived once.
         """
         head = self._heads.get(list_name)
         if head is None:

@@ -127,7 +127,7 @@ class SharedSql:
         if len(outcomes) <= 1:  # its own rowcount says: no transaction needed around it
             return [self.record_delivery(issue_id, *outcome) for outcome in outcomes]
         stamp = iso(now())
-        with self.transaction(serial=False):  # the check below must see what the update saw
+        with self.transaction(serial=False):
             written = self.executemany(
                 "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
                 " updated_at = ? WHERE issue_id = ? AND recipient = ? AND claimed_by = ?",
@@ -135,8 +135,9 @@ class SharedSql:
             )
             if written == len(outcomes):
                 return [True] * len(outcomes)
-            # Some batch was another's by then. A row written still names its batch (ours,
-            # locked until we commit); one refused names another or none.
+            # Some batch was another's by then. A row written still names its batch: it stays
+            # locked by this transaction until the commit. One refused names another or none,
+            # and can never come to name ours again: batch ids are random and claimed once.
             return [
                 self.execute(
                     "SELECT 1 FROM deliveries WHERE issue_id = ? AND recipient = ? AND claimed_by = ?",
