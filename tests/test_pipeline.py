@@ -551,3 +551,17 @@ def test_a_server_that_goes_away_mid_send_leaves_no_sent_row_it_did_not_take(
     copies = taken + good.by_recipient()
     assert set(copies) == set(everyone)
     assert sum(n - 1 for n in copies.values()) <= 4
+
+
+def test_a_server_that_stops_answering_is_reported_as_timed_out_and_nothing_is_marked_sent(
+    project: Project, feed_server: FeedServer, scripted: Callable[..., ScriptedSmtp]
+) -> None:
+    # Each end of data gets its 250 only after 3 s, past the sender's 0.5 s timeout: the wait
+    # must end at the timeout (the kernel's, on the socket) and say so, not that it hung up.
+    server = scripted(accept_delay=3.0)
+    everyone = readers(3)
+    configure(project, feed_server, server.port, everyone, sender={"connections": 1, "timeout": 0.5})
+    done, _ = send(project, timeout=30)
+    assert_clean_exit(done, 1)
+    assert "timed out" in done.stderr, output(done)
+    assert Counter(ledger(project.root / "state.db").values()) == {"pending": 3}

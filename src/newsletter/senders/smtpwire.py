@@ -25,7 +25,9 @@ import re
 import smtplib
 import socket
 import ssl
+import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -241,6 +243,8 @@ class Lane:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # The short envelope behind a long message must not wait for an ACK (Nagle).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            _kernel_timeout(sock)
         used = 0
         try:
             msg = self._next(wait=True)
@@ -447,6 +451,20 @@ def _write(conn: smtplib.SMTP, content: bytes, tail: bytes) -> None:
         raise smtplib.SMTPServerDisconnected(f"Server not connected: {exc}") from None
 
 
+def _kernel_timeout(sock: socket.socket) -> None:
+    """Leave the socket's timeout to the kernel (SO_RCVTIMEO, SO_SNDTIMEO). Python's own
+    polls before every recv and send, and each system call hands the GIL over and back: twice
+    a call instead of once, on every message of every connection. A read that times out then
+    returns no bytes, which ``_reply`` tells from a closed connection by the time it took."""
+    timeout = sock.gettimeout()
+    if not timeout:
+        return
+    tv = struct.pack("ll", int(timeout), int(timeout % 1 * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.settimeout(None)
+
+
 def _reply(conn: smtplib.SMTP) -> tuple[int, bytes]:
     """``conn.getreply()`` for the hot path: the same reply (code, its lines joined by
     newlines), the same errors, without smtplib's per-line bookkeeping (4 replies a message)."""
@@ -456,6 +474,7 @@ def _reply(conn: smtplib.SMTP) -> tuple[int, bytes]:
             raise smtplib.SMTPServerDisconnected("please run connect() first")
         file = conn.file = conn.sock.makefile("rb")
     lines: list[bytes] = []
+    started = time.monotonic()
     while True:
         try:
             line = file.readline(_MAXLINE + 1)
@@ -464,7 +483,9 @@ def _reply(conn: smtplib.SMTP) -> tuple[int, bytes]:
             raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from None
         if not line:
             conn.close()
-            raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            timeout = conn.timeout if isinstance(conn.timeout, float | int) else 0
+            why = ": timed out" if timeout and time.monotonic() - started >= timeout - 0.01 else ""
+            raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed{why}")
         if len(line) > _MAXLINE:
             conn.close()
             raise smtplib.SMTPResponseException(500, "Line too long.")
