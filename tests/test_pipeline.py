@@ -565,3 +565,26 @@ def test_a_server_that_stops_answering_is_reported_as_timed_out_and_nothing_is_m
     assert_clean_exit(done, 1)
     assert "timed out" in done.stderr, output(done)
     assert Counter(ledger(project.root / "state.db").values()) == {"pending": 3}
+
+
+def test_a_tls_server_that_stops_answering_is_reported_as_timed_out_too(
+    project: Project, feed_server: FeedServer, certificate: tuple[Path, Path]
+) -> None:
+    # A TLS connection keeps Python's own timeout: the kernel's would never end an SSL read.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*map(str, certificate))
+    box = Sessions()
+    box.data_delay = 3.0
+    port = free_port()
+    controller = Controller(box, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True)
+    controller.start()
+    try:
+        everyone = readers(3)
+        sender = {"connections": 1, "timeout": 0.5, "starttls": True, "ca_file": str(certificate[0])}
+        configure(project, feed_server, port, everyone, sender=sender)
+        done, _ = send(project, timeout=30)
+    finally:
+        controller.stop()
+    assert_clean_exit(done, 1)
+    assert "timed out" in done.stderr, output(done)
+    assert Counter(ledger(project.root / "state.db").values()) == {"pending": 3}

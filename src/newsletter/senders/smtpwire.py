@@ -448,21 +448,29 @@ def _write(conn: smtplib.SMTP, content: bytes, tail: bytes) -> None:
             sock.sendall(tail[sent - len(content) :])
     except OSError as exc:
         conn.close()
-        raise smtplib.SMTPServerDisconnected(f"Server not connected: {exc}") from None
+        raise smtplib.SMTPServerDisconnected(f"Server not connected: {_said(exc)}") from None
 
 
 def _kernel_timeout(sock: socket.socket) -> None:
     """Leave the socket's timeout to the kernel (SO_RCVTIMEO, SO_SNDTIMEO). Python's own
     polls before every recv and send, and each system call hands the GIL over and back: twice
     a call instead of once, on every message of every connection. A read that times out then
-    returns no bytes, which ``_reply`` tells from a closed connection by the time it took."""
+    returns no bytes, which ``_reply`` tells from a closed connection by the time it took.
+
+    Not on TLS: the ssl module retries a blocking socket's "want read" for ever, so there the
+    kernel's timeout would never end a read."""
     timeout = sock.gettimeout()
-    if not timeout:
+    if not timeout or isinstance(sock, ssl.SSLSocket):
         return
     tv = struct.pack("ll", int(timeout), int(timeout % 1 * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
     sock.settimeout(None)
+
+
+def _said(exc: OSError) -> str:
+    # The kernel's timeout (``_kernel_timeout``) surfaces as EAGAIN: it is a timeout.
+    return "timed out" if isinstance(exc, BlockingIOError) else str(exc)
 
 
 def _reply(conn: smtplib.SMTP) -> tuple[int, bytes]:
@@ -480,7 +488,7 @@ def _reply(conn: smtplib.SMTP) -> tuple[int, bytes]:
             line = file.readline(_MAXLINE + 1)
         except OSError as exc:
             conn.close()
-            raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from None
+            raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {_said(exc)}") from None
         if not line:
             conn.close()
             timeout = conn.timeout if isinstance(conn.timeout, float | int) else 0
