@@ -429,24 +429,27 @@ def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data
     return AuthResult(success=ok, handled=False)
 
 
-def test_every_connection_does_starttls_and_auth(
-    project: Project, feed_server: FeedServer, certificate: tuple[Path, Path]
-) -> None:
+@contextlib.contextmanager
+def tls_server(box: Sessions, certificate: tuple[Path, Path], **options: Any) -> Iterator[int]:
+    """aiosmtpd requiring STARTTLS with ``certificate`` on a free port, while the block runs."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(*map(str, certificate))
-    box = Sessions()
     port = free_port()
     controller = Controller(
-        box,
-        hostname="127.0.0.1",
-        port=port,
-        tls_context=context,
-        require_starttls=True,
-        authenticator=authenticator,
-        auth_required=True,
+        box, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True, **options
     )
     controller.start()
     try:
+        yield port
+    finally:
+        controller.stop()
+
+
+def test_every_connection_does_starttls_and_auth(
+    project: Project, feed_server: FeedServer, certificate: tuple[Path, Path]
+) -> None:
+    box = Sessions()
+    with tls_server(box, certificate, authenticator=authenticator, auth_required=True) as port:
         everyone = readers(15)
         configure(
             project,
@@ -462,8 +465,6 @@ def test_every_connection_does_starttls_and_auth(
             },
         )
         done, _ = send(project, env={"SMTP_PASSWORD": "s3cret"})
-    finally:
-        controller.stop()
     assert_clean_exit(done, 0)
     assert summary(15) in done.stdout, output(done)
     assert box.by_recipient() == dict.fromkeys(everyone, 1)
@@ -571,20 +572,13 @@ def test_a_tls_server_that_stops_answering_is_reported_as_timed_out_too(
     project: Project, feed_server: FeedServer, certificate: tuple[Path, Path]
 ) -> None:
     # A TLS connection keeps Python's own timeout: the kernel's would never end an SSL read.
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(*map(str, certificate))
     box = Sessions()
     box.data_delay = 3.0
-    port = free_port()
-    controller = Controller(box, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True)
-    controller.start()
-    try:
+    with tls_server(box, certificate) as port:
         everyone = readers(3)
         sender = {"connections": 1, "timeout": 0.5, "starttls": True, "ca_file": str(certificate[0])}
         configure(project, feed_server, port, everyone, sender=sender)
         done, _ = send(project, timeout=30)
-    finally:
-        controller.stop()
     assert_clean_exit(done, 1)
     assert "timed out" in done.stderr, output(done)
     assert Counter(ledger(project.root / "state.db").values()) == {"pending": 3}
