@@ -215,6 +215,25 @@ def ensure_smtp_sink(log: Any = print) -> tuple[str | None, str]:
     return path, "installed Debian's postfix just now (mail service stopped)"
 
 
+def require_smtp_sink(label: str = "server") -> str:
+    """smtp-sink's path, said as ``label: path (how)``; a bench that cannot run without it
+    exits saying why."""
+    path, how = ensure_smtp_sink()
+    if path is None:
+        sys.exit(f"CANNOT RUN: {how}")
+    print(f"{label}: {path} ({how})")
+    return path
+
+
+def exit_on_problems(problems: list[str]) -> None:
+    """A run that did not deliver what it should have lists why and exits non-zero."""
+    if problems:
+        print("\nproblems")
+        for problem in problems:
+            print(f"  {problem}")
+        sys.exit(1)
+
+
 def stop_postfix_service() -> None:
     """The postfix package's own mail service must not run: stop it, keep it from starting."""
     if shutil.which("postfix") and _run(["postfix", "status"], 30).returncode == 0:

@@ -43,7 +43,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from _support import LOOPBACK, REPO, TimedSmtpSink, ensure_smtp_sink, line_buffered
+from _support import LOOPBACK, REPO, TimedSmtpSink, exit_on_problems, line_buffered, require_smtp_sink
 from bench_digest import SCHEDULE, write_project
 from relay import RelayProcess
 
@@ -308,10 +308,7 @@ def main() -> None:
         f" {args.cap_seconds:g} s), RTT {args.rtt} ms; Python {platform.python_version()},"
         f" {os.cpu_count()} CPUs, 127.0.0.1 only"
     )
-    path, how = ensure_smtp_sink()
-    if path is None:
-        sys.exit(f"CANNOT RUN: {how}")
-    print(f"server: {path} ({how})")
+    path = require_smtp_sink("server")
 
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp, TimedSmtpSink(path) as sink:
         root = Path(tmp)
@@ -393,11 +390,7 @@ def main() -> None:
     refused = sorted({r.refused for runs in by_rtt.values() for r in runs if r.refused})
     for why in refused:
         print(f"  note: the project refused a connections: setting: {why}")
-    if bench.problems:
-        print("\nproblems")
-        for problem in bench.problems:
-            print(f"  {problem}")
-        sys.exit(1)
+    exit_on_problems(bench.problems)
     print(f"\nevery count checked against smtp-sink's own counter ({sink.received():,} messages in all)")
 
 

@@ -59,7 +59,15 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from _support import BENCH_DIR, TimedSmtpSink, ensure_smtp_sink, free_port, line_buffered, stop_process
+from _support import (
+    BENCH_DIR,
+    TimedSmtpSink,
+    exit_on_problems,
+    free_port,
+    line_buffered,
+    require_smtp_sink,
+    stop_process,
+)
 
 SCHEDULE, SENDER = "bench", "local"  # bench_digest.write_project's schedule and smtp sender
 PG_USER = "postgres"
@@ -537,10 +545,7 @@ def main() -> None:
             f"  fewer than the {TARGET_RECIPIENTS:,} the figures are wanted at: --recipients"
             f" {TARGET_RECIPIENTS} (about twice the default run's four minutes on 2 cores)"
         )
-    path, how = ensure_smtp_sink()
-    if path is None:
-        sys.exit(f"CANNOT RUN: {how}")
-    print(f"mail server: {path} ({how})")
+    path = require_smtp_sink("mail server")
     with (
         tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp,
         TimedSmtpSink(path) as sink,
@@ -548,11 +553,7 @@ def main() -> None:
     ):
         bench = run_all(args, counts, Path(tmp), sink, pg)
     print(f"\nwhole run: {perf_counter() - began:,.0f} s")
-    if bench.problems:
-        print("\nproblems")
-        for problem in bench.problems:
-            print(f"  {problem}")
-        sys.exit(1)
+    exit_on_problems(bench.problems)
     print(f"every run checked: ledger rows, batches, and smtp-sink's own count ({sink.received():,} in all)")
 
 
