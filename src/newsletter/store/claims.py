@@ -9,7 +9,7 @@ the claim's search only ever looks at rows nobody holds (the ``deliveries_free``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,8 @@ class SharedClaims:
     if TYPE_CHECKING:
 
         def execute(self, sql: str, args: Iterable[Any] = ()) -> Any: ...
+
+        def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int: ...
 
         def transaction(self, write: bool = True, serial: bool = True) -> AbstractContextManager[None]: ...
 
@@ -128,16 +130,15 @@ class SharedClaims:
             " (SELECT 1 FROM batches b WHERE b.id = d.claimed_by)",
             (issue_id,),
         ).fetchall()
-        freed = 0
-        for row in orphans:
-            # By the gone batch's id, which never comes back: a row claimed again meanwhile
-            # (by a batch this statement's snapshot cannot see) is left to its new holder.
-            freed += self.execute(
-                "UPDATE deliveries SET claimed_by = NULL WHERE issue_id = ? AND recipient = ?"
-                " AND claimed_by = ? AND status = 'pending'",
-                (issue_id, row["recipient"], row["claimed_by"]),
-            ).rowcount
-        return freed
+        if not orphans:
+            return 0
+        # By the gone batch's id, which never comes back: a row claimed again meanwhile (by a
+        # batch this statement's snapshot cannot see) is left to its new holder.
+        return self.executemany(
+            "UPDATE deliveries SET claimed_by = NULL WHERE issue_id = ? AND recipient = ?"
+            " AND claimed_by = ? AND status = 'pending'",
+            [(issue_id, row["recipient"], row["claimed_by"]) for row in orphans],
+        )
 
     def _free(self, batch: str) -> int:
         # Rows another transaction is writing right now (the holder marking them) are skipped,
