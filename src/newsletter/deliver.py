@@ -10,21 +10,18 @@ of the run is decided here, once:
   disables the target.
 - ``DeliveryError``: the sender cannot go on; this item and the rest stay pending.
 
-A sender with lanes (the SMTP sender's connections) gets the messages through a ``Feed``: this
-thread prepares them and writes every outcome, the lanes' threads talk to the server. Outcomes
-that arrive together are written in one transaction, and a lane sends its next end of data
-only once its last outcome is on disk, so grouping the writes does not loosen the bound: a
-process killed at any moment resends at most one message per connection.
+A sender with lanes (the SMTP sender's connections) gets the messages through a ``Feed``, in
+this thread: it takes each message as a connection is ready for it and hands back each outcome.
+Outcomes that arrive together are written in one transaction, and a connection sends its next
+end of data only once its last outcome is on disk, so grouping the writes does not loosen the
+bound: a process killed at any moment resends at most one message per connection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-import queue
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -158,107 +155,93 @@ def _judge(
     return True
 
 
-# After the first outcome, how long to wait for others before writing them together: a commit
-# per outcome costs more CPU than its message, and every lane that answered waits for the
-# commit before its next end of data (at a distance that wait is on each message's round trip).
-GATHER = 0.002
+class _Feed(Generic[T]):
+    """What a sender with lanes takes its messages from and gives its outcomes to
+    (``senders.Feed``): the items prepared one at a time as it asks, the outcomes written
+    together at each ``flush``, all in this thread."""
+
+    def __init__(
+        self,
+        todo: Iterator[T],
+        prepare: Callable[[T], Attempt | None],
+        record: Callable[[T, Outcome, str, str], None],
+        run: Run,
+        *,
+        max_attempts: int,
+        stop: threading.Event | None,
+        said: Callable[[str], str],
+        progress: Callable[[int], None] | None,
+        hold: Callable[[], str] | None,
+        batch: Callable[[], AbstractContextManager[object]],
+        tick: Callable[[], None] | None,
+    ) -> None:
+        self.todo, self.prepare, self.record, self.run = todo, prepare, record, run
+        self.max_attempts, self.said, self.progress = max_attempts, said, progress
+        self.hold, self.batch, self.ticks = hold, batch, tick
+        self.stop = stop or threading.Event()
+        self.outcomes: list[tuple[_Ref[T], Exception | None]] = []
+        self.exhausted = False
+        self.handed = self.answered = 0
+        self.failure: Exception | None = None  # not a sender's verdict: raised once it ends
+
+    def take(self) -> Job | None:
+        run = self.run
+        while not self.exhausted:
+            if self.stop.is_set() or run.aborted or run.gone or run.unavailable or run.paused or self.failure:
+                return None
+            if self.hold is not None and (paused := self.hold()):
+                run.paused = paused
+                return None
+            item = next(self.todo, _END)
+            if item is _END:
+                self.exhausted = True
+                return None
+            try:
+                attempt = self.prepare(item)
+            except Unsendable as exc:
+                self.record(item, Outcome.FAILED, str(exc), "")
+                run.errors.append((exc.label, str(exc)))
+                continue
+            if attempt is None:
+                continue
+            assert attempt.message is not None, "a sender with lanes needs Attempt.message"
+            self.handed += 1
+            return Job(attempt.message, _Ref(item, attempt), attempt.valid)
+        return None
+
+    def done(self, job: Job, error: Exception | None) -> None:
+        ref = job.ref
+        assert isinstance(ref, _Ref)
+        self.outcomes.append((ref, error))
+
+    def flush(self) -> None:
+        if not self.outcomes:
+            return
+        outcomes, self.outcomes = self.outcomes, []
+        run = self.run
+        with self.batch():
+            for ref, error in outcomes:
+                if error is None:
+                    self.record(ref.item, Outcome.SENT, "", "")
+                    run.sent += 1
+                elif not _judge(run, ref.item, ref.attempt, error, self.record, self.max_attempts, self.said):
+                    self.failure = error
+        self.answered += len(outcomes)
+        if self.progress:
+            self.progress(len(outcomes))
+
+    def give_back(self, jobs: list[Job]) -> None:
+        pass  # never answered: they stay pending, as the ledger has them
+
+    def tick(self) -> None:
+        if self.ticks is not None:
+            self.ticks()
 
 
 @dataclass(eq=False)
 class _Ref(Generic[T]):
     item: T
     attempt: Attempt
-    on_disk: threading.Event = field(default_factory=threading.Event)
-
-
-class _Feed:
-    """The queue between this thread and the lanes (see ``senders.Feed``)."""
-
-    def __init__(self, stop: threading.Event | None) -> None:
-        self.cv = threading.Condition()
-        self.work: deque[Job] = deque()
-        self.closed = False  # nothing more will come; the lanes finish what is queued
-        self.broken = False  # the loop itself failed: no lane may send another end of data
-        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self.run_stop = stop or threading.Event()  # the caller's: SIGTERM
-        self.stop = threading.Event()  # the lanes': the run's stop, or this send's halt
-        self.out: set[_Ref[Any]] = set()  # handed out, outcome not on disk yet
-        self.handed = self.answered = 0  # all run long: what went out, what came back answered
-        self.held = 0  # taken by a lane, neither answered nor given back
-
-    def put(self, jobs: Iterable[Job]) -> None:
-        with self.cv:
-            self.work.extend(jobs)
-            self.cv.notify_all()
-
-    def finish(self, drop: bool = False) -> None:
-        """Nothing more comes; with ``drop``, what nobody has taken yet stays pending."""
-        with self.cv:
-            self.closed = True
-            for job in self.work if drop else ():
-                self.out.discard(job.ref)  # type: ignore[arg-type]
-            if drop:
-                self.work.clear()
-                self.stop.set()  # a lane waiting for its turn gives it up
-            self.cv.notify_all()
-
-    def take(self, wait: bool) -> Job | None:
-        with self.cv:
-            while True:
-                while not self.work:
-                    # Closed, but another lane still holds messages: it may give them back.
-                    if not wait or self.stop.is_set() or (self.closed and not self.held):
-                        return None
-                    self.cv.wait()
-                job = self.work.popleft()
-                if job.valid is None or job.valid():
-                    self.held += 1
-                    return job
-                self.events.put(("back", [job]))  # no longer ours to send: it stays pending
-
-    def done(self, job: Job, error: Exception | None) -> None:
-        with self.cv:
-            self.held -= 1
-            self.cv.notify_all()
-        self.events.put(("done", (job, error)))
-
-    def recorded(self, job: Job) -> None:
-        ref = job.ref
-        assert isinstance(ref, _Ref)
-        ref.on_disk.wait()
-        if self.broken:
-            raise DeliveryError("the delivery loop stopped before this outcome was written")
-
-    def give_back(self, jobs: list[Job]) -> None:
-        with self.cv:
-            self.held -= len(jobs)
-            if self.stop.is_set():
-                self.events.put(("back", jobs))  # halted: they stay pending
-            else:
-                self.work.extendleft(reversed(jobs))  # the other lanes send them first
-            self.cv.notify_all()
-
-    def gather(self, lanes: int) -> list[tuple[str, Any]]:
-        """Whatever the lanes said, all that came together; none for a while: [], so the loop
-        can look at the run's stop. It waits for more only while more lanes could answer:
-        with one connection, never."""
-        try:
-            events = [self.events.get(timeout=0.5)]
-        except queue.Empty:
-            return []
-        until = time.monotonic() + GATHER
-        with contextlib.suppress(queue.Empty):
-            while len(events) < 500:
-                wait = until - time.monotonic() if len(events) < lanes else 0.0
-                events.append(self.events.get(timeout=wait) if wait > 0 else self.events.get_nowait())
-        return events
-
-    def fail(self) -> None:
-        """Release every lane waiting for a record that will not come; none sends again."""
-        self.broken = True
-        self.finish(drop=True)
-        for ref in list(self.out):
-            ref.on_disk.set()
 
 
 def deliver_lanes(
@@ -275,151 +258,40 @@ def deliver_lanes(
     batch: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     tick: Callable[[], None] | None = None,
 ) -> Run:
-    """``deliver`` for a sender with lanes: its ``lane`` runs in that many threads, all fed
-    from here. ``batch`` opens the transaction that outcomes arriving together share; ``hold``
+    """``deliver`` for a sender with lanes: its ``send_many`` takes the items as it can send
+    them. ``batch`` opens the transaction that outcomes arriving together share; ``hold``
     returns why sending must pause (a send window closing), checked before each message;
-    ``tick`` is called at least twice a second, outside any transaction, however slow the
-    lanes are."""
+    ``tick`` is called a few times a second, outside any transaction, however slow the
+    server is."""
     run = Run()
-    feed = _Feed(stop)
-    threads = [
-        threading.Thread(target=_lane, args=(sender, i, feed), name=f"{sender.name}-{i}", daemon=True)
-        for i in range(sender.lanes())
-    ]
-    for thread in threads:
-        thread.start()
-    alive = len(threads)
-    todo: Iterator[T] = iter(items)
-    exhausted = False
-    failure: BaseException | None = None  # not a sender's verdict: raised once the lanes stop
+    feed = _Feed(
+        iter(items),
+        prepare,
+        record,
+        run,
+        max_attempts=max_attempts,
+        stop=stop,
+        said=said,
+        progress=progress,
+        hold=hold,
+        batch=batch,
+        tick=tick,
+    )
     last_error: DeliveryError | None = None
-
-    def refill() -> None:
-        nonlocal exhausted
-        if not feed.closed:
-            # Each lane holds up to two (one answering, one whose envelope is out): one more
-            # each waits in the queue, so a lane finds one to pipeline behind its end of data.
-            exhausted = _fill(feed, todo, prepare, record, run, 3 * alive, alive, stop, hold)
-            if exhausted or run.paused or feed.run_stop.is_set():
-                feed.finish(drop=not exhausted)
-
     try:
-        while alive:
-            refill()
-            if feed.run_stop.is_set() and not feed.stop.is_set():
-                feed.finish(drop=True)
-            answered: list[_Ref[T]] = []
-            # Wait for the lanes outside the transaction: other processes write too.
-            events = feed.gather(alive)
-            if tick is not None:
-                tick()
-            with batch() if events else contextlib.nullcontext():
-                for kind, value in events:
-                    if kind == "done":
-                        job, error = value
-                        ref = job.ref
-                        if error is None:
-                            record(ref.item, Outcome.SENT, "", "")
-                            run.sent += 1
-                        elif not _judge(run, ref.item, ref.attempt, error, record, max_attempts, said):
-                            failure = error
-                        answered.append(ref)
-                    elif kind == "back":  # taken, never answered, and the send halted: pending
-                        feed.out.difference_update(j.ref for j in value)
-                    else:
-                        alive -= 1
-                        if isinstance(value, DeliveryError):
-                            last_error = value
-                            if not getattr(value, "others_go_on", False):
-                                feed.finish(drop=True)  # the server is gone: nobody goes on
-                        elif value is not None:
-                            if hasattr(value, "until"):
-                                run.paused = str(value)  # a quota: the rest waits
-                            else:
-                                failure = value
-                            feed.finish(drop=True)
-                    if failure is not None:
-                        feed.finish(drop=True)
-            feed.answered += len(answered)
-            for ref in answered:
-                feed.out.discard(ref)
-            # The lanes hear first (they wait on it); the queue's spare messages (a third of
-            # its capacity) cover what they take to pipeline until the refill below.
-            for ref in answered:
-                ref.on_disk.set()
-            if answered:
-                refill()
-            if progress and answered:
-                progress(len(answered))
-    except BaseException:
-        feed.fail()
-        raise
-    finally:
-        feed.finish(drop=True)
-        for thread in threads:
-            thread.join()
-    if failure is not None:
-        raise failure
-    unfinished = feed.answered < feed.handed or not exhausted
+        sender.send_many(feed)
+    except DeliveryError as exc:
+        last_error = exc
+    except Exception as exc:
+        if not hasattr(exc, "until"):
+            raise
+        run.paused = str(exc)  # a quota: the rest waits
+    if feed.failure is not None:
+        raise feed.failure
+    unfinished = feed.answered < feed.handed or not feed.exhausted
     if last_error is not None and unfinished and not run.paused:
         run.aborted = said(last_error.with_hint())
     return run
-
-
-def _lane(sender: Sender, index: int, feed: _Feed) -> None:
-    """One lane's thread: whatever ends it, the loop hears of it exactly once."""
-    try:
-        sender.lane(index, feed)
-    except BaseException as exc:
-        feed.events.put(("ended", exc))
-    else:
-        feed.events.put(("ended", None))
-
-
-def _fill(
-    feed: _Feed,
-    todo: Iterator[T],
-    prepare: Callable[[T], Attempt | None],
-    record: Callable[[T, Outcome, str, str], None],
-    run: Run,
-    capacity: int,
-    spare: int,
-    stop: threading.Event | None,
-    hold: Callable[[], str] | None,
-) -> bool:
-    """Hand out messages until ``capacity`` are out, or outcomes wait to be written while
-    ``spare`` are queued; True when there are no more."""
-    jobs: list[Job] = []
-    while len(feed.out) < capacity:
-        if stop is not None and stop.is_set():
-            break
-        if hold is not None and (paused := hold()):
-            run.paused = paused
-            break
-        item = next(todo, _END)
-        if item is _END:
-            feed.put(jobs)
-            return True
-        try:
-            attempt = prepare(item)  # type: ignore[arg-type]
-        except Unsendable as exc:
-            record(item, Outcome.FAILED, str(exc), "")  # type: ignore[arg-type]
-            run.errors.append((exc.label, str(exc)))
-            continue
-        if attempt is None:
-            continue
-        assert attempt.message is not None, "a sender with lanes needs Attempt.message"
-        ref = _Ref(item, attempt)
-        feed.out.add(ref)
-        feed.handed += 1
-        jobs.append(Job(attempt.message, ref, attempt.valid))
-        if len(feed.work) < spare:
-            feed.put(jobs)  # a lane may be about to look for one to pipeline: now, not at the end
-            jobs = []
-        elif not feed.events.empty():
-            break  # lanes wait for their outcomes to be written, and the queue has spares
-    feed.put(jobs)
-    return False
 
 
 _END: Any = object()

@@ -258,6 +258,13 @@ class Pacer:
             else:
                 time.sleep(wait)
 
+    def turn(self) -> float | None:
+        """``acquire`` for a caller that never waits: the turn taken (None), or how long until
+        one may be free (0: once a turn on the way settles), none taken. Raises as ``acquire``
+        does. Its caller settles every turn (a turn on the way is answered or given back)."""
+        with self._lock:
+            return self._turn(unsettled_ok=True)
+
     def try_acquire(self) -> bool:
         """A turn if one is free right now, never waiting: True. False when the caller would
         have to wait, or when the day is full (``acquire`` then says until when)."""

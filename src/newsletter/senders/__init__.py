@@ -81,24 +81,28 @@ class Job:
 
 
 class Feed(Protocol):
-    """What the delivery loop offers the lanes of a sender; every method is thread-safe."""
+    """What the delivery loop offers a sender with lanes (``Sender.send_many``); it is called
+    from the thread that called ``send_many``, and only from it."""
 
-    stop: threading.Event  # set when the run is stopped (SIGTERM): wait on it, not in sleep()
+    stop: threading.Event  # set when the run is stopped (SIGTERM): no new message then
 
-    def take(self, wait: bool) -> Job | None:
-        """The next message; None when there is no more (or none right now, with wait=False)."""
+    def take(self) -> Job | None:
+        """The next message; None when there is no more for this run."""
 
     def done(self, job: Job, error: Exception | None) -> None:
-        """The server's answer: None (accepted), TemporaryFailure or PermanentFailure.
-        Returns at once; the outcome is written down in the loop's own thread."""
+        """The server's answer: None (accepted), TemporaryFailure or PermanentFailure. Kept
+        until the next ``flush``."""
 
-    def recorded(self, job: Job) -> None:
-        """Wait until ``job``'s outcome is on disk: before the next end of data goes out, so
-        that a killed process has at most one message per connection of unknown fate."""
+    def flush(self) -> None:
+        """Write every outcome given since the last flush, together. A connection's next end
+        of data goes out only after its last outcome is flushed, so that a killed process has
+        at most one message per connection of unknown fate."""
 
     def give_back(self, jobs: list[Job]) -> None:
-        """Messages taken but not answered (a lane that ends): another lane sends them, or
-        they stay pending."""
+        """Messages taken and not answered, when the send ends early: they stay pending."""
+
+    def tick(self) -> None:
+        """Called between two flushes at least a few times a second, however slow the server."""
 
 
 class Sender:
@@ -153,15 +157,14 @@ class Sender:
         """How many messages this sender can have on the way at once (its connections).
 
         0 (the default): the delivery loop calls ``send`` for one message after another. A
-        sender that returns N gets ``lane`` called in N threads after ``open``.
+        sender that returns N gets ``send_many`` called once after ``open``.
         """
         return 0
 
-    def lane(self, index: int, feed: Feed) -> None:
-        """Send messages taken from ``feed`` until it has none left; report each with
-        ``feed.done``, give back what is left when ending early, and raise why
-        (DeliveryError). Runs in a thread of its own; ``index`` 0 may use what ``open``
-        opened."""
+    def send_many(self, feed: Feed) -> None:
+        """Send messages taken from ``feed`` until it has none left, up to ``lanes()`` at
+        once; report each with ``feed.done``, give back what is left when ending early, and
+        raise why (DeliveryError). Runs in the delivery loop's thread."""
         raise NotImplementedError
 
     def __enter__(self) -> Sender:

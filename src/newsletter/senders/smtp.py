@@ -1,7 +1,7 @@
 """The ``smtp`` sender: ``connections`` of them at once, each pipelined, STARTTLS or implicit
 TLS and AUTH on every one; paced to the provider's quota.
 
-A digest run goes through ``lane`` (one per connection, see ``smtpwire``); ``send`` is the
+A digest run goes through ``send_many`` (all connections in one loop, see ``smtpmux``); ``send`` is the
 one-message path of a test send and of callers that send by hand.
 """
 
@@ -24,7 +24,8 @@ from ..errors import DeliveryError, TemporaryFailure
 from ..quota import Pacer, RateLimit
 from ..redact import remember
 from . import Feed, Outgoing, Sender, SenderOptions
-from .smtpwire import Lane, Pacing, refusal, reply_text
+from .smtpmux import Mux
+from .smtpwire import Pacing, refusal, reply_text
 
 
 def is_loopback(host: str) -> bool:
@@ -102,17 +103,14 @@ class _Pace(Pacing):
         self.since: float | None = None  # throttled, with no message accepted since
         self.lock = threading.Lock()
 
-    def try_acquire(self) -> bool:
-        return not self.exhausted() and self.pacer.try_acquire()
-
-    def acquire(self, stop: threading.Event) -> bool:
+    def turn(self) -> float | None:
         if self.exhausted():
             # Throttled all along, and the slowed pace would only drag it out: stop here.
             raise DeliveryError(
                 f"the server has been throttling for over {self.patience:g} s",
                 hint="nothing was lost; the undelivered messages are sent on the next run",
             )
-        return self.pacer.acquire(stop)
+        return self.pacer.turn()
 
     def release(self, n: int = 1) -> None:
         if n:
@@ -232,17 +230,17 @@ class SmtpSender(Sender):
     def lanes(self) -> int:
         return self.options.connections
 
-    def lane(self, index: int, feed: Feed) -> None:
-        conn = None
-        if index == 0:
-            conn, self._conn = self._conn, None
-        Lane(
+    def send_many(self, feed: Feed) -> None:
+        first, self._conn = self._conn, None
+        Mux(
             feed,
             self._connect,
             self.pace,
             name=f"{self.name!r} ({self.options.host}:{self.port})",
+            connections=self.options.connections,
+            timeout=self.options.timeout,
             per_connection=self.options.max_messages_per_connection,
-            conn=conn,
+            first=first,
         ).run()
 
     def close(self) -> None:
