@@ -16,10 +16,10 @@ so a process killed at any moment has at most one message per connection of unkn
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import smtplib
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,9 +31,10 @@ from . import Feed, Job
 from .smtpwire import (
     DOT,
     MAX_DROPS,
+    Connection,
+    Dropped,
     LaneLost,
     Pacing,
-    ReplyReader,
     Throttled,
     envelope_safe,
     refusal,
@@ -48,12 +49,9 @@ _LOOK = 0.25
 # in one transaction (a commit costs more CPU than a message); not at all once no end of data is
 # waiting for its reply. Every connection with its next content ready waits for that commit.
 GATHER = 0.002
+_quiet = contextlib.suppress(OSError, KeyError, ValueError)  # tidying up: already closed
 # What is written on a connection and whose reply is still to come.
 _MAIL, _RCPT, _DATA, _RSET, _END, _EMPTY, _QUIT = b"MAIL", b"RCPT", b"DATA", b"RSET", b".", b"", b"QUIT"
-
-
-class _Dropped(Exception):
-    """The connection is gone (closed, reset, timed out, a 421): what was on it goes again."""
 
 
 @dataclass(eq=False)
@@ -77,23 +75,12 @@ class _Slot:
         self.closing = ""  # the 421 a server last closed its connection with
 
 
-class _Conn:
-    """One open connection: what is written and not yet answered, what waits to be written."""
+class _Conn(Connection):
+    """One open connection and where its conversation stands."""
 
     def __init__(self, slot: _Slot, smtp: smtplib.SMTP, timeout: float) -> None:
-        sock = smtp.sock
-        if sock is None:
-            raise _Dropped("please run connect() first")
-        self.slot, self.smtp, self.sock, self.timeout = slot, smtp, sock, timeout
-        self.pipelining = smtp.has_extn("pipelining")
-        self.size = smtp.has_extn("size")
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # The short envelope behind a long message must not wait for an ACK (Nagle).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
-        self.tls = isinstance(sock, ssl.SSLSocket)
-        self.replies = ReplyReader()
-        self.out: deque[memoryview] = deque()  # written by us, not yet taken by the kernel
+        super().__init__(smtp, timeout)
+        self.slot = slot
         self.expect: deque[tuple[bytes, _Msg | None]] = deque()  # the replies still to read
         self.lockstep: list[bytes] = []  # without PIPELINING: commands still to write
         self.msg: _Msg | None = None  # whose envelope is out, or whose content waits (``ready``)
@@ -105,63 +92,11 @@ class _Conn:
         self.last = False  # this connection's last message is written: it closes after it
         self.rset = False  # the envelope before was refused: the next one starts with RSET
         self.quitting = False
-        self.deadline = time.monotonic() + timeout
         self.watching = selectors.EVENT_READ
 
     @property
     def busy(self) -> bool:
         return bool(self.expect or self.out or self.ready)
-
-    def write(self, *parts: bytes) -> None:
-        self.out.extend(memoryview(p) for p in parts if p)
-        self.deadline = time.monotonic() + self.timeout  # for its reply, or its taking
-        self.push()
-
-    def push(self) -> None:
-        """Hand the kernel what it takes now; the rest when the socket can take more."""
-        out = self.out
-        try:
-            while out:
-                # No sendmsg() on TLS; on TCP one call takes the content and what follows it.
-                sent = self.sock.send(out[0]) if self.tls else self.sock.sendmsg(list(out)[:8])
-                self.deadline = time.monotonic() + self.timeout
-                while sent and out:
-                    if sent >= len(out[0]):
-                        sent -= len(out.popleft())
-                    else:
-                        out[0] = out[0][sent:]
-                        sent = 0
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            pass
-        except OSError as exc:
-            raise _Dropped(f"Server not connected: {exc}") from None
-
-    def read(self) -> list[tuple[int, bytes]]:
-        """The replies complete so far; raises _Dropped when the server is gone."""
-        got = False
-        try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise _Dropped("Connection unexpectedly closed")
-                got = True
-                self.replies.feed(chunk)
-                if len(chunk) < 65536 and not (self.tls and self.sock.pending()):  # type: ignore[attr-defined]
-                    break
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            pass
-        except OSError as exc:
-            raise _Dropped(f"Connection unexpectedly closed: {exc}") from None
-        if got:
-            self.deadline = time.monotonic() + self.timeout
-        try:
-            return self.replies.take()
-        except ValueError as exc:
-            raise _Dropped(str(exc)) from None
-
-    def close(self) -> None:
-        with _quiet():
-            self.smtp.close()
 
 
 class Mux:
@@ -257,7 +192,7 @@ class Mux:
         for key, events in ready:
             conn = key.data
             if conn is None:
-                with _quiet():
+                with _quiet:
                     self.wake_r.recv(4096)
                 continue
             if conn.slot.conn is not conn:
@@ -300,7 +235,7 @@ class Mux:
             self.selector.modify(conn.sock, want, conn)
 
     def _timed_out(self, conn: _Conn) -> None:
-        raise _Dropped("Connection unexpectedly closed: timed out")
+        raise Dropped("Connection unexpectedly closed: timed out")
 
     def _guard(self, conn: _Conn, step: Callable[..., None], *args: object) -> None:
         """Run one step of a connection; what breaks it is dealt with here."""
@@ -310,7 +245,7 @@ class Mux:
             self.throttling = str(exc)
             self.pacing.throttled()  # every connection's next turn waits out the hold
             self._hang_up(conn)
-        except _Dropped as exc:
+        except Dropped as exc:
             if conn.quitting and not conn.inflight:
                 self._hang_up(conn)  # it had nothing more to say
                 return
@@ -367,7 +302,7 @@ class Mux:
                 slot.opening.add_done_callback(self._wake)
 
     def _wake(self, _: object) -> None:
-        with _quiet():
+        with _quiet:
             self.wake_w.send(b"!")
 
     def _opened(self) -> None:
@@ -402,7 +337,7 @@ class Mux:
         slot.opened = True
         try:
             conn = _Conn(slot, smtp, self.timeout)
-        except (_Dropped, OSError):
+        except (Dropped, OSError):
             smtp.close()
             return
         slot.conn = conn
@@ -509,7 +444,7 @@ class Mux:
 
     def _reply(self, conn: _Conn, code: int, text: bytes) -> None:
         if not conn.expect:
-            raise _Dropped(f"a reply nothing asked for: {reply_text(code, text)}")
+            raise Dropped(f"a reply nothing asked for: {reply_text(code, text)}")
         command, msg = conn.expect.popleft()
         if command == _QUIT:
             self._hang_up(conn)
@@ -534,7 +469,7 @@ class Mux:
             conn.slot.closing = reply_text(code, text)
             if throttling(code, text):
                 self._throttled(reply_text(code, text))
-            raise _Dropped(reply_text(code, text))
+            raise Dropped(reply_text(code, text))
         if command == _DATA:
             if code == 354 and (msg.error is not None or msg.throttled):
                 # DATA taken with no valid recipient: an empty message ends it (RFC 2920
@@ -585,7 +520,7 @@ class Mux:
             self._throttled(reply_text(code, text))
         elif code == 421:  # closing without taking it: as a drop, the message goes again
             conn.slot.closing = reply_text(code, text)
-            raise _Dropped(reply_text(code, text))
+            raise Dropped(reply_text(code, text))
         else:
             self.pacing.release()
             self._finish(conn, msg, refusal(code, text))
@@ -617,7 +552,7 @@ class Mux:
         it and not answered goes again on the next connection, first."""
         if conn.slot.conn is conn:
             conn.slot.conn = None
-            with _quiet():
+            with _quiet:
                 self.selector.unregister(conn.sock)
         conn.close()
         if conn.inflight:
@@ -636,16 +571,6 @@ def _commands(msg: _Msg, rset: bool, size: bool) -> list[bytes]:
         f"RCPT TO:<{m.recipient}>\r\n".encode(),
         b"DATA\r\n",
     ]
-
-
-class _quiet:
-    """Ignore an OSError or KeyError while tidying up (a socket already closed)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
-        return kind is not None and issubclass(kind, OSError | KeyError | ValueError)
 
 
 def _close_opened(future: Future[smtplib.SMTP]) -> None:

@@ -14,12 +14,19 @@ answered with an empty message, which RFC 2920 forbids the server to deliver), a
 counts as sent only after the 250 that follows its end of data.
 
 This module holds what that conversation is made of: the content as it goes on the wire, the
-replies as they are read, what a reply means, and what a connection asks of the quota.
+replies as they are read, what a reply means, what a connection asks of the quota, and the
+non-blocking socket each connection writes and reads through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import smtplib
+import socket
+import ssl
+import time
+from collections import deque
 
 from ..errors import DeliveryError, PermanentFailure, TemporaryFailure
 
@@ -149,3 +156,79 @@ class ReplyReader:
         if len(rest) > _MAXLINE:
             raise ValueError("Line too long.")
         return replies
+
+
+class Dropped(Exception):
+    """The connection is gone (closed, reset, timed out, a 421): what was on it goes again."""
+
+
+class Connection:
+    """One open connection's socket, non-blocking: what is written and not yet taken by the
+    kernel, the replies as they come, and when the server must next be heard from."""
+
+    def __init__(self, smtp: smtplib.SMTP, timeout: float) -> None:
+        sock = smtp.sock
+        if sock is None:
+            raise Dropped("please run connect() first")
+        self.smtp, self.sock, self.timeout = smtp, sock, timeout
+        self.pipelining = smtp.has_extn("pipelining")
+        self.size = smtp.has_extn("size")
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # The short envelope behind a long message must not wait for an ACK (Nagle).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.replies = ReplyReader()
+        self.out: deque[memoryview] = deque()  # written by us, not yet taken by the kernel
+        self.deadline = time.monotonic() + timeout
+
+    def write(self, *parts: bytes) -> None:
+        self.out.extend(memoryview(p) for p in parts if p)
+        self.deadline = time.monotonic() + self.timeout  # for its reply, or its taking
+        self.push()
+
+    def push(self) -> None:
+        """Hand the kernel what it takes now; the rest when the socket can take more."""
+        out = self.out
+        try:
+            while out:
+                # No sendmsg() on TLS; on TCP one call takes the content and what follows it.
+                sent = self.sock.send(out[0]) if self.tls else self.sock.sendmsg(list(out)[:8])
+                self.deadline = time.monotonic() + self.timeout
+                while sent and out:
+                    if sent >= len(out[0]):
+                        sent -= len(out.popleft())
+                    else:
+                        out[0] = out[0][sent:]
+                        sent = 0
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            pass
+        except OSError as exc:
+            raise Dropped(f"Server not connected: {exc}") from None
+
+    def read(self) -> list[tuple[int, bytes]]:
+        """The replies complete so far; raises Dropped when the server is gone."""
+        got = False
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise Dropped("Connection unexpectedly closed")
+                got = True
+                self.replies.feed(chunk)
+                if len(chunk) < 65536 and not (self.tls and self.sock.pending()):  # type: ignore[attr-defined]
+                    break
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except OSError as exc:
+            raise Dropped(f"Connection unexpectedly closed: {exc}") from None
+        if got:
+            self.deadline = time.monotonic() + self.timeout
+        try:
+            return self.replies.take()
+        except ValueError as exc:
+            raise Dropped(str(exc)) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.smtp.close()
