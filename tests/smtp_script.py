@@ -38,6 +38,10 @@ class Script:
     drop_on_connection: int | None = None  # connection j (0-based) is cut mid-DATA, once
     down_after: int | None = None  # after N messages the server goes away, mid-DATA of the next
     accept_delay: float = 0.0  # seconds each message takes before its 250
+    # Only the first N connections are served: every later one is refused at its greeting with
+    # 421, ``refuse_delay`` seconds in, as under Postfix's smtpd_client_connection_rate_limit.
+    connection_limit: int | None = None
+    refuse_delay: float = 0.0
     # How long to look for bytes the client may have sent ahead, before each reply; after an
     # end of data, ``dot_linger`` (a pipelining client writes the next envelope behind the dot).
     linger: float = 0.002
@@ -60,6 +64,7 @@ class Connection:
     accepted: list[str] = field(default_factory=list)  # the recipient of each message taken
     mails: int = 0  # MAIL FROMs seen on this connection
     dropped: bool = False  # this server cut it mid-DATA
+    refused: bool = False  # turned away at the greeting (``connection_limit``)
 
     def verbs(self) -> list[str]:
         return [c.verb for c in self.commands]
@@ -169,6 +174,13 @@ class ScriptedSmtp:
         conn = Connection(len(self.connections))
         self.connections.append(conn)
         try:
+            limit = self.script.connection_limit
+            if limit is not None and conn.index >= limit:
+                conn.refused = True
+                await asyncio.sleep(self.script.refuse_delay)
+                writer.write(b"421 4.7.0 scripted.test Error: too many connections from 127.0.0.1\r\n")
+                await writer.drain()
+                return
             if not self.down:
                 await self._converse(conn, _Wire(reader), writer)
         except (_Gone, ConnectionError, asyncio.CancelledError):

@@ -371,6 +371,22 @@ def test_one_of_four_connections_dropped_mid_data_resends_its_message_once(
     assert Counter(ledger(project.root / "state.db").values()) == {"sent": 40}
 
 
+def test_connections_the_server_turns_away_leave_their_readers_to_the_one_it_took(
+    project: Project, feed_server: FeedServer, scripted: Callable[..., ScriptedSmtp]
+) -> None:
+    # The first connection has sent all it was given before the others are turned away: it
+    # must stay for what they had taken, since the server would turn a new one away too.
+    server = scripted(connection_limit=1, refuse_delay=0.3)
+    everyone = readers(3)
+    configure(project, feed_server, server.port, everyone, sender={"connections": 4})
+    done, _ = send(project)
+    assert_clean_exit(done, 0)
+    assert summary(3) in done.stdout, output(done)
+    assert sum(c.refused for c in server.connections) == 3, transcript(server)
+    assert [len(c.accepted) for c in server.connections if not c.refused] == [3], transcript(server)
+    assert Counter(ledger(project.root / "state.db").values()) == {"sent": 3}
+
+
 def test_max_messages_per_connection_opens_new_connections(
     project: Project, feed_server: FeedServer, scripted: Callable[..., ScriptedSmtp]
 ) -> None:

@@ -178,7 +178,8 @@ class Mux:
         """One turn of the loop; False when everything is done."""
         self._hand_out()
         conns = [s.conn for s in self.slots if s.conn is not None]
-        if not conns and not any(s.opening for s in self.slots):
+        # Stopping: a connection still being opened is not waited for (it is closed once open).
+        if not conns and (self.stopping or not any(s.opening for s in self.slots)):
             if self.retry and self.halted is None and not self.feed.stop.is_set():
                 raise self.lost or DeliveryError(f"sender {self.name}: no connection left to send on")
             return False
@@ -278,7 +279,8 @@ class Mux:
 
     def _hand_out(self) -> None:
         """Give every idle connection its next message; open connections for the rest."""
-        holding = any(s.conn is not None and s.conn.inflight for s in self.slots)
+        # Messages on another connection, or taken for one being opened, may yet come back.
+        holding = any((s.conn is not None and s.conn.inflight) or s.opening is not None for s in self.slots)
         for slot in self.slots:
             conn = slot.conn
             if conn is None or conn.busy or conn.quitting:
@@ -287,8 +289,6 @@ class Mux:
             if msg is not None:
                 self._guard(conn, self._envelope, conn, msg)
             elif self.stopping or (self.exhausted and not self.retry and not holding):
-                # Nothing more will come (another connection may still give some back while
-                # it holds messages: wait for that).
                 self._guard(conn, self._quit, conn)
         for slot in self.slots:
             if slot.conn is None and slot.opening is None and not slot.lost and not self.stopping:
@@ -340,6 +340,9 @@ class Mux:
         except (Dropped, OSError):
             smtp.close()
             return
+        # An outcome of the slot's last connection may not be on disk yet: this one's first
+        # end of data waits for it too, or a kill now could leave two unknown on one slot.
+        conn.unflushed = bool(self.owed)
         slot.conn = conn
         self.selector.register(conn.sock, selectors.EVENT_READ, conn)
 
@@ -444,6 +447,8 @@ class Mux:
 
     def _reply(self, conn: _Conn, code: int, text: bytes) -> None:
         if not conn.expect:
+            if code == 421:  # "idle timeout, closing": said as the server hangs up
+                conn.slot.closing = reply_text(code, text)
             raise Dropped(f"a reply nothing asked for: {reply_text(code, text)}")
         command, msg = conn.expect.popleft()
         if command == _QUIT:
