@@ -67,10 +67,13 @@ def test_a_day_quota_stops_the_send_and_the_next_day_finishes_it(
     shown = project.run("status", "weekly").output
     assert "paused: daily quota of 5 reached" in shown, shown
     assert "still pending: reader" in shown and "expected to finish" in shown, shown
-    # A restart the same day does not reset the count: nothing more goes out.
+    # A restart the same day does not reset the count: nothing more goes out, and it does not
+    # even connect to hear that.
     clock.at += timedelta(hours=2)
+    sessions = box.sessions
     again, _ = run(project, clock)
-    assert len(box.messages) == 5 and again.paused
+    assert len(box.messages) == 5 and again.paused and again.paused == report.paused
+    assert box.sessions == sessions
     # The next days: five more, then the last two, each exactly once.
     clock.at += timedelta(hours=24)
     run(project, clock)

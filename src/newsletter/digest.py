@@ -411,8 +411,14 @@ def _deliver_all(
     # A day quota counts what this sender sent in the last 24 h, this run's own included.
     clock, started = send.ctx.clock, time.monotonic()
     sender.remember(store.sent_since(sender.name, clock() - timedelta(hours=25)), clock)
+    if (reached := sender.quota_reached()) is not None:
+        # The day's quota is used up already: nothing to connect for (a retry every few
+        # minutes would log in to the provider each time only to hear it).
+        report.issues += [send.counted(issue) for issue, _ in work]
+        report.paused = str(reached)
+        work = []
     try:
-        with sender:
+        with sender if work else contextlib.nullcontext(sender):
             for issue, pending in work:
                 if on_issue:
                     on_issue(pending)

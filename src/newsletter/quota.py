@@ -230,6 +230,17 @@ class Pacer:
         with self._lock:
             return day_used(self._day.items(), self._wall())
 
+    def day_reached(self) -> QuotaReached | None:
+        """The day's quota, if it is used up now (counting turns on the way): until when."""
+        rates = self.rates
+        if rates is None or rates.per_day is None:
+            return None
+        with self._lock:
+            wall = self._wall()
+            buckets = [*self._day.items(), (_hour(wall), self._reserved)]
+            until = day_resumes_at(buckets, rates.per_day, wall)
+        return None if until is None else QuotaReached("day", rates.per_day, until)
+
     # -- turns ---------------------------------------------------------------------------------
 
     def acquire(self, stop: threading.Event | None = None) -> bool:

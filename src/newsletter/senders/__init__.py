@@ -153,6 +153,11 @@ class Sender:
     def recount(self, history: list[tuple[datetime, int]]) -> None:
         """The store's count of the last day again, every process's sends included."""
 
+    def quota_reached(self) -> Exception | None:
+        """Asked after ``remember``, before ``open``: why nothing at all may go now (a day
+        quota used up), so that nothing is opened. None: go on."""
+        return None
+
     def lanes(self) -> int:
         """How many messages this sender can have on the way at once (its connections).
 

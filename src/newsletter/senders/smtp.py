@@ -153,6 +153,9 @@ class SmtpSender(Sender):
     def recount(self, history: list[tuple[datetime, int]]) -> None:
         self.pacer.recount(history)
 
+    def quota_reached(self) -> Exception | None:
+        return self.pacer.day_reached()
+
     @property
     def port(self) -> int:
         return self.options.port or (465 if self.options.ssl else 587)
