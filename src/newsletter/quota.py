@@ -226,7 +226,8 @@ class Pacer:
 
     @property
     def sent_today(self) -> int:
-        """Messages in the rolling 24 h: the store's history and what was sent since."""
+        """Messages in the rolling 24 h: the store's history and what was sent since (under a
+        day quota; without one, the history alone)."""
         with self._lock:
             return day_used(self._day.items(), self._wall())
 
@@ -343,8 +344,11 @@ class Pacer:
             self._climb()
 
     def _count(self, n: int) -> None:
-        hour = _hour(self._wall())
-        self._day[hour] = self._day.get(hour, 0) + n
+        if self.rates is not None and self.rates.per_day is not None:
+            # Only a day quota needs the count (the store keeps its own for ``status``): a
+            # wall-clock read a message less for every other sender.
+            hour = _hour(self._wall())
+            self._day[hour] = self._day.get(hour, 0) + n
         self._settle(n)
 
     def release(self, n: int = 1) -> None:
