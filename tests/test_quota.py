@@ -242,6 +242,33 @@ def test_turns_in_flight_hold_the_day_until_settled() -> None:
         pacer.acquire()
 
 
+def test_turn_never_waits_it_says_how_long_or_why_not() -> None:
+    fake = FakeTime()
+    pacer = fake.pacer(Rates(per_second=4, per_day=3))
+    assert pacer.turn() is None  # taken
+    assert pacer.turn() == pytest.approx(0.25)  # the next in a quarter of a second, none taken
+    fake.now += 0.25
+    assert pacer.turn() is None and pacer.day_reached() is None
+    fake.now += 0.25
+    assert pacer.turn() is None  # three on the way: the day is full once they are answered
+    fake.now += 0.25
+    assert pacer.turn() == 0  # until one of them settles
+    assert isinstance(pacer.day_reached(), QuotaReached)
+    pacer.release()  # one was refused: its turn is free again
+    assert pacer.day_reached() is None and pacer.turn() is None
+    pacer.sent(3)
+    fake.now += 0.25
+    with pytest.raises(QuotaReached):
+        pacer.turn()
+    assert fake.sleeps == []  # nothing slept
+
+
+def test_a_sender_without_a_day_quota_has_no_day_to_reach() -> None:
+    fake = FakeTime()
+    pacer = fake.pacer(Rates(per_second=1), history=[(H, 10**6)])
+    assert pacer.day_reached() is None and pacer.turn() is None
+
+
 def test_turns_never_settled_do_not_hang_the_others() -> None:
     fake = FakeTime()
     pacer = fake.pacer(Rates(per_day=2), max_wait=0)

@@ -277,15 +277,6 @@ class Pacer:
         with self._lock:
             return self._turn(unsettled_ok=True)
 
-    def try_acquire(self) -> bool:
-        """A turn if one is free right now, never waiting: True. False when the caller would
-        have to wait, or when the day is full (``acquire`` then says until when)."""
-        with self._lock:
-            try:
-                return self._turn(unsettled_ok=False) is None
-            except QuotaReached:
-                return False
-
     def _turn(self, unsettled_ok: bool) -> float | None:
         """Under the lock: take a turn (None), or how long to wait (0: until a turn in flight
         settles). The turn is stamped with the last clock() read here."""

@@ -1,8 +1,8 @@
 """The ``smtp`` sender: ``connections`` of them at once, each pipelined, STARTTLS or implicit
 TLS and AUTH on every one; paced to the provider's quota.
 
-A digest run goes through ``send_many`` (all connections in one loop, see ``smtpmux``); ``send`` is the
-one-message path of a test send and of callers that send by hand.
+A digest run goes through ``send_many`` (all connections in one loop, see ``smtpmux``);
+``send`` is the one-message path of a test send and of callers that send by hand.
 """
 
 from __future__ import annotations
