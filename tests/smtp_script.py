@@ -42,6 +42,9 @@ class Script:
     # 421, ``refuse_delay`` seconds in, as under Postfix's smtpd_client_connection_rate_limit.
     connection_limit: int | None = None
     refuse_delay: float = 0.0
+    # A connection that says nothing for this long between messages is told "421 timeout
+    # exceeded" and closed, as Postfix's smtpd does after smtpd_timeout.
+    idle_timeout: float | None = None
     # How long to look for bytes the client may have sent ahead, before each reply; after an
     # end of data, ``dot_linger`` (a pipelining client writes the next envelope behind the dot).
     linger: float = 0.002
@@ -65,6 +68,7 @@ class Connection:
     mails: int = 0  # MAIL FROMs seen on this connection
     dropped: bool = False  # this server cut it mid-DATA
     refused: bool = False  # turned away at the greeting (``connection_limit``)
+    timed_out: bool = False  # closed for saying nothing (``idle_timeout``)
 
     def verbs(self) -> list[str]:
         return [c.verb for c in self.commands]
@@ -209,7 +213,15 @@ class ScriptedSmtp:
         mail = False
         rcpts: list[str] = []
         while True:
-            line = await wire.readline()
+            if script.idle_timeout is not None and not mail:
+                try:
+                    line = await asyncio.wait_for(wire.readline(), script.idle_timeout)
+                except TimeoutError:
+                    conn.timed_out = True
+                    await say("421 4.4.2 scripted.test Error: timeout exceeded", linger=0)
+                    return
+            else:
+                line = await wire.readline()
             verb = line.split(b" ", 1)[0].strip().upper().decode("ascii", "replace")
             note(verb, line)
             address = m.group(1).decode() if (m := re.search(rb"<([^>]*)>", line)) else ""

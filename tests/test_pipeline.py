@@ -387,6 +387,22 @@ def test_connections_the_server_turns_away_leave_their_readers_to_the_one_it_too
     assert Counter(ledger(project.root / "state.db").values()) == {"sent": 3}
 
 
+def test_connections_a_server_closes_while_they_wait_for_their_turn_are_opened_again(
+    project: Project, feed_server: FeedServer, scripted: Callable[..., ScriptedSmtp]
+) -> None:
+    # Paced to 4 a second over 3 connections, each waits about 0.75 s between its messages:
+    # longer than the server lets a connection sit idle.
+    server = scripted(idle_timeout=0.3)
+    everyone = readers(6)
+    configure(project, feed_server, server.port, everyone, sender={"connections": 3, "rate_limit": 4})
+    done, _ = send(project)
+    assert_clean_exit(done, 0)
+    assert summary(6) in done.stdout, output(done)
+    assert sum(c.timed_out for c in server.connections) >= 2, transcript(server)
+    assert server.by_recipient() == Counter(everyone), transcript(server)
+    assert Counter(ledger(project.root / "state.db").values()) == {"sent": 6}
+
+
 def test_max_messages_per_connection_opens_new_connections(
     project: Project, feed_server: FeedServer, scripted: Callable[..., ScriptedSmtp]
 ) -> None:
