@@ -287,7 +287,7 @@ class _Send:
                 progress=self.progress,
                 hold=hold,
                 batch=batch,
-                tick=claims.tick,  # also while every lane waits (a slow server, a quota)
+                tick=claims.tick,  # also while every connection waits (a slow server, a quota)
             )
         else:
             run = deliver(

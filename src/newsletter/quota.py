@@ -329,7 +329,7 @@ class Pacer:
 
     def accepted(self) -> None:
         """``sent()`` and ``ok()`` of one message the server took, under one lock: it runs
-        once a message on a lane's thread."""
+        once a message."""
         with self._lock:
             self._count(1)
             self._climb()

@@ -76,7 +76,7 @@ class Job:
     message: Outgoing
     ref: object = None  # the delivery loop's own: which ledger row this is
     # False once the message must not go any more (its batch's lease ran out while this
-    # process was paused: another process sends it now). Asked as a lane takes the job.
+    # process was paused: another process sends it now). Asked as the sender takes the job.
     valid: Callable[[], bool] | None = None
 
 

@@ -95,7 +95,7 @@ _refusal = refusal
 
 
 class _Pace(Pacing):
-    """The sender's quotas (``quota.Pacer``) as its lanes use them, and its patience."""
+    """The sender's quotas (``quota.Pacer``) as its connections use them, and its patience."""
 
     def __init__(self, pacer: Pacer, patience: float) -> None:
         self.pacer = pacer
