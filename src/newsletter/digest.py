@@ -439,7 +439,7 @@ def _deliver_all(
     if report.paused:
         took = time.monotonic() - started
         pending = sum(i.pending for i in report.issues)
-        sent = sum(i.sent for i in report.issues)
+        sent = sum(i.sent_here for i in report.issues)  # this run's pace, not the ledger's total
         report.finish = finish_of(send.ctx, send.builder.name, pending, sent / took if sent else 0.0)
 
 

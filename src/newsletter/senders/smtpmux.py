@@ -335,6 +335,7 @@ class Mux:
 
     def _start(self, slot: _Slot, smtp: smtplib.SMTP) -> None:
         slot.opened = True
+        slot.closing = ""  # what the server said as it closed the one before: past now
         try:
             conn = _Conn(slot, smtp, self.timeout)
         except (Dropped, OSError):
