@@ -5,8 +5,8 @@ it reads whatever replies have come, writes the next message's content where its
 and asks the feed for messages and writes their outcomes in between. No thread waits on a
 socket, and none hands the interpreter to another several times a message: with ten
 connections that hand-over cost more than building the messages. Only opening a connection
-(TCP, EHLO, STARTTLS, AUTH: smtplib, a few round trips once per connection) runs in a small
-pool of threads, and its result comes back to the loop.
+(TCP, EHLO, STARTTLS, AUTH: smtplib, a few round trips once per connection) runs in a thread
+of its own, and its result comes back to the loop.
 
 Each connection speaks as ``smtpwire`` describes: pipelined when the server offers it (one
 round trip a message), lock-step when not. The bound on duplicates: the end of data of a
@@ -20,10 +20,11 @@ import contextlib
 import selectors
 import smtplib
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ..errors import DeliveryError, PermanentFailure
@@ -103,7 +104,7 @@ class Mux:
     """All connections of one send, in the calling thread, until the feed has no more.
 
     ``connect`` opens a ready connection (EHLO, TLS, AUTH done) or raises DeliveryError; it
-    runs in a pool thread. ``first`` is a connection already open (the sender's ``open``).
+    runs in a thread of its own. ``first`` is a connection already open (the sender's ``open``).
     """
 
     def __init__(
@@ -135,7 +136,6 @@ class Mux:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
-        self.pool: ThreadPoolExecutor | None = None
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -158,11 +158,9 @@ class Mux:
                 if slot.first is not None:
                     self.retry.append(slot.first)
                     slot.first = None
-            if self.pool is not None:
-                for slot in self.slots:
-                    if slot.opening is not None and not slot.opening.cancel():
-                        slot.opening.add_done_callback(_close_opened)
-                self.pool.shutdown(wait=False)
+            for slot in self.slots:
+                if slot.opening is not None:
+                    slot.opening.add_done_callback(_close_opened)
             self.selector.close()
             self.wake_r.close()
             self.wake_w.close()
@@ -296,9 +294,7 @@ class Mux:
                 if job is None:
                     break
                 slot.first = job
-                if self.pool is None:
-                    self.pool = ThreadPoolExecutor(min(len(self.slots), 8), thread_name_prefix="smtp-open")
-                slot.opening = self.pool.submit(self.connect)
+                slot.opening = _open_in_thread(self.connect, f"smtp-open-{slot.index}")
                 slot.opening.add_done_callback(self._wake)
 
     def _wake(self, _: object) -> None:
@@ -579,7 +575,23 @@ def _commands(msg: _Msg, rset: bool, size: bool) -> list[bytes]:
     ]
 
 
+def _open_in_thread(connect: Callable[[], smtplib.SMTP], name: str) -> Future[smtplib.SMTP]:
+    """``connect()`` in a thread of its own. A daemon thread, unlike a pool's: a stopped
+    process does not wait at exit for a server that is slow to answer a connection it no
+    longer needs (``_close_opened`` closes it if it ever opens)."""
+    future: Future[smtplib.SMTP] = Future()
+
+    def opening() -> None:
+        try:
+            future.set_result(connect())
+        except BaseException as exc:  # the loop raises or reports it (DeliveryError)
+            future.set_exception(exc)
+
+    threading.Thread(target=opening, name=name, daemon=True).start()
+    return future
+
+
 def _close_opened(future: Future[smtplib.SMTP]) -> None:
     """A connection opened after the send ended: closed at once."""
-    if not future.cancelled() and future.exception() is None:
+    if future.exception() is None:
         future.result().close()
