@@ -26,7 +26,7 @@ complete and smtp-sink's own count equal to the recipients.
    messages from N reference clients with no store (``refclient.py``, pipelined, as many
    connections), and the ratio to the same run on SQLite in one process.
 2. store only, no SMTP: N processes drive ``Claims`` directly: claim, a fenced
-   ``record_deliveries`` of ``--group`` marks (one executemany, pipelined) and the day's
+   ``record_deliveries`` of ``--group`` marks (one statement) and the day's
    count (``count_sent``) to a transaction as the pipelined sender's loop writes them,
    release; timed from the moment all N are connected. The limit beside it: N processes
    updating the same rows by key, ``--group`` to a transaction too, and nothing else; and

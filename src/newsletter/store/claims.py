@@ -9,13 +9,13 @@ the claim's search only ever looks at rows nobody holds (the ``deliveries_free``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..model import Batch, now
-from .rows import iso
+from .rows import iso, values_list
 
 
 class SharedClaims:
@@ -27,8 +27,6 @@ class SharedClaims:
     if TYPE_CHECKING:
 
         def execute(self, sql: str, args: Iterable[Any] = ()) -> Any: ...
-
-        def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int: ...
 
         def transaction(self, write: bool = True, serial: bool = True) -> AbstractContextManager[None]: ...
 
@@ -134,11 +132,13 @@ class SharedClaims:
             return 0
         # By the gone batch's id, which never comes back: a row claimed again meanwhile (by a
         # batch this statement's snapshot cannot see) is left to its new holder.
-        return self.executemany(
-            "UPDATE deliveries SET claimed_by = NULL WHERE issue_id = ? AND recipient = ?"
-            " AND claimed_by = ? AND status = 'pending'",
-            [(issue_id, row["recipient"], row["claimed_by"]) for row in orphans],
-        )
+        values, args = values_list([(row["recipient"], row["claimed_by"]) for row in orphans])
+        return self.execute(
+            f"UPDATE deliveries SET claimed_by = NULL FROM (VALUES {values}) AS v WHERE"
+            " deliveries.issue_id = ? AND deliveries.recipient = v.column1"
+            " AND deliveries.claimed_by = v.column2 AND deliveries.status = 'pending'",
+            (*args, issue_id),
+        ).rowcount
 
     def _free(self, batch: str) -> int:
         # Rows another transaction is writing right now (the holder marking them) are skipped,

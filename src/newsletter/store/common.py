@@ -29,7 +29,7 @@ from ..model import (
     Suppression,
     now,
 )
-from .rows import iso, issue_row, subscriber_row
+from .rows import iso, issue_row, subscriber_row, values_list
 
 
 class SharedSql:
@@ -38,8 +38,6 @@ class SharedSql:
     if TYPE_CHECKING:
 
         def execute(self, sql: str, args: Iterable[Any] = ()) -> Any: ...
-
-        def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int: ...
 
         def transaction(self, write: bool = True, serial: bool = True) -> AbstractContextManager[None]: ...
 
@@ -123,29 +121,22 @@ class SharedSql:
     ) -> list[bool]:
         """Write outcomes that came together, each ``(recipient, status, error, batch)`` and
         each only while its batch still holds the row; whether each was written. One
-        statement for the group: on PostgreSQL one round trip, not one a row."""
+        statement for the group (``values_list``): on PostgreSQL one round trip, not one a
+        row."""
         if len(outcomes) <= 1:  # its own rowcount says: no transaction needed around it
             return [self.record_delivery(issue_id, *outcome) for outcome in outcomes]
-        stamp = iso(now())
-        with self.transaction(serial=False):
-            written = self.executemany(
-                "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?,"
-                " updated_at = ? WHERE issue_id = ? AND recipient = ? AND claimed_by = ?",
-                [(status, error, stamp, issue_id, key, batch) for key, status, error, batch in outcomes],
-            )
-            if written == len(outcomes):
-                return [True] * len(outcomes)
-            # Some batch was another's by then. A row written still names its batch: it stays
-            # locked by this transaction until the commit. One refused names another or none,
-            # and can never come to name ours again: batch ids are random and claimed once.
-            return [
-                self.execute(
-                    "SELECT 1 FROM deliveries WHERE issue_id = ? AND recipient = ? AND claimed_by = ?",
-                    (issue_id, key, batch),
-                ).fetchone()
-                is not None
-                for key, _, _, batch in outcomes
-            ]
+        values, args = values_list([(key, status, error, batch) for key, status, error, batch in outcomes])
+        # Each row is matched by its own batch: the rows the statement returns are the ones
+        # written, those whose batch still held them.
+        rows = self.execute(
+            "UPDATE deliveries SET status = v.column2, attempts = attempts + 1,"
+            f" last_error = v.column3, updated_at = ? FROM (VALUES {values}) AS v"
+            " WHERE deliveries.issue_id = ? AND deliveries.recipient = v.column1"
+            " AND deliveries.claimed_by = v.column4 RETURNING deliveries.recipient",
+            (iso(now()), *args, issue_id),
+        ).fetchall()
+        written = {row["recipient"] for row in rows}
+        return [key in written for key, _, _, _ in outcomes]
 
     def skip_delivery(self, issue_id: int, recipient: str, reason: str, batch: str | None = None) -> None:
         fence, by = ("", ()) if batch is None else (" AND claimed_by = ?", (batch,))

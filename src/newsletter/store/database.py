@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -94,13 +94,6 @@ class Database:
         """Run one statement; a locked or broken database is a StoreError that says so."""
         try:
             return self.db.execute(sql, tuple(args))
-        except sqlite3.OperationalError as exc:
-            raise self._error(exc) from None
-
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-        """One statement for every row of ``rows``; how many rows it changed in all."""
-        try:
-            return self.db.executemany(sql, rows).rowcount
         except sqlite3.OperationalError as exc:
             raise self._error(exc) from None
 

@@ -15,7 +15,7 @@ import enum
 import functools
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -226,17 +226,6 @@ class PgDatabase:
         self._migrated()
         try:
             return self.db.execute(_pyformat(sql), _params(args) or None)
-        except psycopg.Error as exc:
-            raise self._error(exc) from None
-
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-        """One statement for every row of ``rows``, pipelined (one round trip, not one a row);
-        how many rows it changed in all."""
-        self._migrated()
-        try:
-            with self.db.cursor() as cur:
-                cur.executemany(_pyformat(sql), [_params(r) for r in rows])
-                return cur.rowcount
         except psycopg.Error as exc:
             raise self._error(exc) from None
 

@@ -1,16 +1,31 @@
-"""Stored rows as ``model`` types, and the one way the store writes a time."""
+"""Stored rows as ``model`` types, the one way the store writes a time, and many rows in one
+statement."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from ..model import FeedRow, FetchStatus, Issue, IssueStatus, StoredEntry, Subscriber, clamp_ttl
 
 
 def iso(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def values_list(rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
+    """``rows`` as a VALUES list (placeholders) and its arguments, for a statement that writes
+    many rows at once (``UPDATE ... FROM (VALUES ...) AS v``, columns ``v.column1`` on).
+
+    Not executemany: psycopg pipelines that, and until its closing sync a PostgreSQL session
+    counts as busy, not idle in a transaction, so a process frozen mid-pipeline (SIGSTOP, a VM
+    paused) would hold its rows' locks past the server's idle-in-transaction timeout, for ever.
+    One statement reaches its sync with the same write."""
+    one = "(" + ", ".join("?" * len(rows[0])) + ")"
+    return ", ".join([one] * len(rows)), [value for row in rows for value in row]
 
 
 def subscriber_row(row: sqlite3.Row) -> Subscriber:
