@@ -58,7 +58,7 @@ _MAIL, _RCPT, _DATA, _RSET, _END, _EMPTY, _QUIT = b"MAIL", b"RCPT", b"DATA", b"R
 @dataclass(eq=False)
 class _Msg:
     job: Job
-    content: bytes = b""
+    content: bytes
     error: Exception | None = None  # the first refusal of its envelope: the reader's
     throttled: str = ""  # a throttling reply: the server's pace, sent again after a pause
 

@@ -83,8 +83,6 @@ class LaneLost(DeliveryError):
     """One more connection could not be opened (a server's limit per client, say): the
     connections already open go on without it."""
 
-    others_go_on = True
-
 
 class Pacing:
     """What the connections need of the sender's shared pace (``quota.Pacer`` or a stand-in)."""

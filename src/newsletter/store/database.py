@@ -24,6 +24,12 @@ class Database:
                 hint="use sqlite:///path or postgresql://user@host:5432/db (password in PGPASSWORD)",
             )
         self.path = url[len("sqlite:///") :]
+        if sqlite3.sqlite_version_info < (3, 35):
+            # Outcomes that come together are written with UPDATE ... FROM ... RETURNING.
+            raise StoreError(
+                f"{self.path}: SQLite {sqlite3.sqlite_version} is too old (3.35 or newer is needed)",
+                hint="use a Python built against a newer SQLite (Debian 12 ships 3.40)",
+            )
         try:
             # It holds every address and the unsubscribe secret: 0600 from its first byte on.
             if self.path != ":memory:" and not self.path.startswith("file:"):
