@@ -26,7 +26,7 @@ import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from conftest import FeedServer, Mailbox, Project, Route, free_port, item, rss, run_in_process
+from conftest import Daemon, FeedServer, Mailbox, Project, Route, free_port, item, rss, run_in_process
 from smtp_script import Command, Connection, Script, ScriptedSmtp
 from test_faults import (
     ENV,
@@ -401,6 +401,59 @@ def test_connections_a_server_closes_while_they_wait_for_their_turn_are_opened_a
     assert sum(c.timed_out for c in server.connections) >= 2, transcript(server)
     assert server.by_recipient() == Counter(everyone), transcript(server)
     assert Counter(ledger(project.root / "state.db").values()) == {"sent": 6}
+
+
+def test_a_server_that_closes_an_idle_connection_and_turns_away_the_next_is_named_with_both(
+    project: Project, feed_server: FeedServer, scripted: Callable[..., ScriptedSmtp]
+) -> None:
+    # The first message goes; waiting 0.5 s for its turn, the connection is closed for idling,
+    # and the one opened instead is turned away. "too many connections" alone would hide why
+    # the first one went: the user needs the 421 said on the idle connection too.
+    server = scripted(idle_timeout=0.3, connection_limit=1)
+    everyone = readers(3)
+    configure(project, feed_server, server.port, everyone, sender={"connections": 1, "rate_limit": 2})
+    done, _ = send(project)
+    assert_clean_exit(done, 1)
+    assert [c.timed_out for c in server.connections if not c.refused] == [True], transcript(server)
+    assert "timeout exceeded" in done.stderr, output(done)
+    assert "too many connections" in done.stderr, output(done)
+    states = Counter(ledger(project.root / "state.db").values())
+    assert states == {"sent": 1, "pending": 2}, states
+    assert server.by_recipient() == Counter(everyone[:1]), transcript(server)
+
+
+def test_sigterm_does_not_wait_for_connections_still_being_opened(
+    project: Project,
+    feed_server: FeedServer,
+    scripted: Callable[..., ScriptedSmtp],
+    daemons: list[Daemon],
+) -> None:
+    # Every connection after the first hangs 30 s before its greeting (within the sender's
+    # timeout): a stop that waited for them would take that long.
+    server = scripted(connection_limit=1, refuse_delay=30)
+    everyone = readers(20)
+    configure(
+        project,
+        feed_server,
+        server.port,
+        everyone,
+        sender={"connections": 3, "rate_limit": 2, "timeout": 40},
+        schedule={"when": "every 1 second"},
+    )
+    daemon = Daemon(project)
+    daemons.append(daemon)
+    daemon.wait_for(
+        lambda: len(server.connections) >= 3 and any(c.accepted for c in server.connections),
+        why="the first message and the connections being opened",
+    )
+    started = time.monotonic()
+    assert daemon.terminate(timeout=25) == 0
+    assert time.monotonic() - started < 10, daemon.log
+    assert "Traceback" not in daemon.log, daemon.log
+    served = [c for c in server.connections if not c.refused]
+    taken = sum(len(c.accepted) for c in served)
+    states = Counter(ledger(project.root / "state.db").values())
+    assert states == {"sent": taken, "pending": 20 - taken}, (states, transcript(server))
 
 
 def test_max_messages_per_connection_opens_new_connections(
