@@ -211,6 +211,7 @@ class Mailbox:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, list[str], bytes]] = []
+        self.arrivals: list[tuple[float, int]] = []  # each message's time.monotonic() and client port
         self.rcpt_replies: dict[str, str] = {}
         self.data_delay = 0.0
         self.sessions = 0  # EHLOs: how many connections a client opened
@@ -236,6 +237,7 @@ class Mailbox:
             await asyncio.sleep(self.data_delay)
         with self.lock:
             self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+            self.arrivals.append((time.monotonic(), session.peer[1]))
         return "250 2.0.0 Message accepted"
 
     def parsed(self) -> list[EmailMessage]:

@@ -160,6 +160,7 @@ def test_a_daemon_frozen_past_its_lease_sends_nothing_the_other_took_over(
 
     wait(lambda: len(holders()) == 2, 60, "both daemons to hold batches", two)
     frozen = two[0]
+    stopped = time.monotonic()
     frozen.proc.send_signal(signal.SIGSTOP)
     try:
         # Its lease runs out (3 s), and a transaction it was frozen in is ended by the server
@@ -167,6 +168,7 @@ def test_a_daemon_frozen_past_its_lease_sends_nothing_the_other_took_over(
         wait(lambda: len(box.by_recipient()) == len(addresses), 90, "the other daemon to send all", two)
         assert frozen.proc.pid not in holders()
     finally:
+        thawed = time.monotonic()
         frozen.proc.send_signal(signal.SIGCONT)
     # What the thawed one had queued or half-sent would go now: it must not, and says so.
     frozen.wait_for(
@@ -176,7 +178,7 @@ def test_a_daemon_frozen_past_its_lease_sends_nothing_the_other_took_over(
     counts = box.by_recipient()
     duplicates = sum(n - 1 for n in counts.values())
     # At most the messages on its 10 connections whose end of data had gone when it froze.
-    assert duplicates <= 10, f"{duplicates} duplicates"
+    assert duplicates <= 10, f"{duplicates} duplicates\n" + copies(box, stopped, thawed, two)
     assert set(counts) == set(addresses)
     with Store(pg_database) as store:
         counts_now = store.delivery_counts(store.issues("weekly")[0].id)
@@ -184,6 +186,19 @@ def test_a_daemon_frozen_past_its_lease_sends_nothing_the_other_took_over(
     for d in two:
         assert d.proc.poll() is None, d.log
         assert d.terminate() == 0
+
+
+def copies(box: Mailbox, stopped: float, thawed: float, fleet: list[Daemon]) -> str:
+    """Each address sent more than once: when each copy came (seconds from the SIGSTOP; the
+    SIGCONT came at ``thawed``) and from which client port; then the daemons' logs."""
+    seen: dict[str, list[str]] = {}
+    with box.lock:
+        for (_, rcpts, _), (at, port) in zip(box.messages, box.arrivals, strict=True):
+            for r in rcpts:
+                seen.setdefault(r.lower(), []).append(f"{at - stopped:+.2f}s:{port}")
+    lines = [f"SIGCONT at {thawed - stopped:+.2f}s"]
+    lines += [f"{r} {' '.join(c)}" for r, c in sorted(seen.items()) if len(c) > 1]
+    return "\n".join(lines) + "\n" + "\n----\n".join(d.log[-4000:] for d in fleet)
 
 
 @contextmanager

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -89,6 +91,41 @@ def test_a_pacer_made_from_the_store_stops_at_the_daily_quota_after_a_restart(st
             pacer.acquire()
         # The 8 sent in the 10:00 hour leave the rolling day at 11:00 tomorrow.
         assert caught.value.until == datetime(2026, 12, 2, 11, tzinfo=UTC)
+
+
+def test_a_process_counts_while_another_holds_its_count_uncommitted(pg_database: str) -> None:
+    # Every commit of a send counts its messages. A process frozen between its count and its
+    # commit (SIGSTOP, a paused VM) must not hold up the others' commits: their leases run
+    # out while they wait, and what they had on the wire goes twice.
+    other = (
+        "import sys; from datetime import datetime, UTC; from newsletter.store import Store\n"
+        "with Store(sys.argv[1], busy_timeout=1) as store:\n"
+        "    with store.transaction(serial=False):\n"
+        "        store.count_sent('ses', datetime(2026, 12, 1, 13, 30, tzinfo=UTC), 5)\n"
+    )
+    with Store(pg_database) as store:
+        with store.transaction(serial=False):
+            store.count_sent("ses", T0, 2)
+            done = subprocess.run(
+                [sys.executable, "-c", other, pg_database], capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 0, done.stderr
+        assert store.sent_since("ses", T0) == [(datetime(2026, 12, 1, 13, tzinfo=UTC), 7)]
+
+
+def test_counts_made_before_migration_5_still_count(path: Path) -> None:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)")
+    for m in load("sqlite")[:4]:
+        for statement in statements(m.sql):
+            db.execute(statement)
+        db.execute("INSERT INTO schema_migrations VALUES (?, ?, '2026-01-01')", (m.number, m.name))
+    db.execute("INSERT INTO sender_usage (sender, hour, sent) VALUES ('ses', '2026-12-01T13', 40)")
+    db.close()
+
+    with Store(f"sqlite:///{path}") as store:
+        store.count_sent("ses", T0, 2)
+        assert store.sent_since("ses", T0) == [(datetime(2026, 12, 1, 13, tzinfo=UTC), 42)]
 
 
 def test_migration_3_applies_on_a_sqlite_database_at_migration_2(path: Path) -> None:

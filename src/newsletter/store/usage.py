@@ -2,14 +2,19 @@
 
 A provider's daily quota is a rolling 24 hours (SES, Google's relay), and it must survive a
 restart: a run stopped at 9,000 of 10,000 and started again must not send 10,000 more. One
-row per sender and hour keeps that to at most 25 rows a sender, whatever the volume.
+row per sender, hour and process keeps that to 25 rows a sender and process, whatever the
+volume. Per process, not shared: a row every process updated in each of its commits let one
+frozen between that update and its commit hold up every other one's commits (migration 5).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+from ..locks import HOST
 
 _HOUR = "%Y-%m-%dT%H"  # UTC; sorts as it runs, in SQL as in Python
 
@@ -32,16 +37,17 @@ class SenderUsage:
         """Add ``n`` messages to the hour of ``when``. Inside ``transaction()`` it commits, or
         rolls back, with the rest of it (the ledger row of the same message)."""
         self.execute(
-            "INSERT INTO sender_usage (sender, hour, sent) VALUES (?, ?, ?)"
-            " ON CONFLICT (sender, hour) DO UPDATE SET sent = sender_usage.sent + excluded.sent",
-            (sender, hour_of(when), n),
+            "INSERT INTO sender_usage (sender, hour, writer, sent) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (sender, hour, writer) DO UPDATE SET sent = sender_usage.sent + excluded.sent",
+            (sender, hour_of(when), f"{HOST}:{os.getpid()}", n),
         )
 
     def sent_since(self, sender: str, since: datetime) -> list[tuple[datetime, int]]:
         """The hour buckets from the one ``since`` falls in on, oldest first, each as (start of
         the hour in UTC, messages). The first may hold messages from before ``since``."""
         rows = self.execute(
-            "SELECT hour, sent FROM sender_usage WHERE sender = ? AND hour >= ? ORDER BY hour",
+            "SELECT hour, SUM(sent) AS sent FROM sender_usage WHERE sender = ? AND hour >= ?"
+            " GROUP BY hour ORDER BY hour",
             (sender, hour_of(since)),
         ).fetchall()
         return [(datetime.strptime(r["hour"], _HOUR).replace(tzinfo=UTC), int(r["sent"])) for r in rows]
