@@ -216,7 +216,26 @@ def test_claims_share_an_issue_and_release_what_they_did_not_send(store: Store) 
     assert store.batches(issue) == [] and store.delivery_counts(issue).held == 0
 
 
-def test_a_run_paused_past_its_lease_may_not_send_and_its_marks_are_refused(store: Store) -> None:
+# Another process reaps what it finds expired and claims it; prints what it took.
+OTHER_PROCESS = """
+import sys
+from newsletter.claims import Claims
+from newsletter.store import Store
+with Store(sys.argv[1]) as store:
+    print(" ".join(p.recipient for p in Claims(store, int(sys.argv[2]), "readers", size=3, lease=30).rows()))
+"""
+
+
+def other_process(state_url: str, issue: int) -> list[str]:
+    command = [sys.executable, "-c", OTHER_PROCESS, state_url, str(issue)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_a_run_paused_past_its_lease_may_not_send_and_its_marks_are_refused(
+    store: Store, state_url: str
+) -> None:
     issue = issue_for(store, 3)
     now = [0.0]
     paused = Claims(store, issue, "readers", size=3, lease=2, clock=lambda: now[0])
@@ -225,15 +244,32 @@ def test_a_run_paused_past_its_lease_may_not_send_and_its_marks_are_refused(stor
     now[0] = 10.0  # SIGSTOP for longer than the lease: its own clock ran on
     assert not paused.usable(first)
     time.sleep(2.2)  # and by the database's clock the lease has run out
-    reap(store, issue)
-    other = Claims(store, issue, "readers", size=3, lease=30)
-    taken = [p.recipient for p in other.rows()]
+    taken = other_process(state_url, issue)
     assert first in taken
     paused.renew()
     assert first in {r for r in taken if not paused.usable(r)}
     assert store.record_delivery(issue, first, DeliveryStatus.SENT, "", paused.batch_of(first)) is False
-    other.release()
     paused.release()
+
+
+def test_a_run_held_up_past_its_lease_does_not_take_its_own_batch_back(store: Store) -> None:
+    # A commit that waited on a lock, a stall: the lease ran out by the database's clock while
+    # the run was still sending. Reaping its own batch would free the rows whose messages its
+    # connections have on the wire, and it would claim and send them again.
+    issue = issue_for(store, 6)
+    run = Claims(store, issue, "readers", size=3, lease=1)
+    rows = run.rows()
+    first = next(rows).recipient
+    time.sleep(1.3)
+    assert store.batches(issue)[0].lease_left < 0
+    assert reap(store, issue) == 0
+    # Its late outcome is still its own to write; the rest of that batch is lost to it.
+    assert store.record_delivery(issue, first, DeliveryStatus.SENT, "", run.batch_of(first)) is True
+    run.renew()
+    rest = [p.recipient for p in rows]
+    assert first not in rest and len(rest) == 5
+    assert sum(run.usable(r) for r in rest) == 3  # the second batch's: the first batch's are not
+    run.release()
 
 
 def test_a_batch_this_process_no_longer_uses_is_reaped_by_its_next_run(store: Store) -> None:

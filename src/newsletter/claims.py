@@ -5,8 +5,10 @@ Any number of processes (daemons on several hosts, a ``newsletter worker``, a ha
 holds, sends them over its own connections, and marks each one only while its batch still
 holds the row (the batch id is the fence). A batch's lease is renewed while its process
 works; a process that dies stops renewing, and once the lease runs out (by the database's
-clock) anyone reaps the batch and sends what is left of it. A holder on this host whose pid
-is gone is reaped at once, so a rerun after a crash does not wait out the lease.
+clock) any other process reaps the batch and sends what is left of it. Its own process never
+does while it still uses the batch: a lease that ran out under it means it was held up, and
+what it has on the wire would go twice. A holder on this host whose pid is gone is reaped at
+once, so a rerun after a crash does not wait out the lease.
 
 A process paused past its lease (SIGSTOP, a frozen container) must not send what another has
 taken over: before a message goes, its batch's lease is checked against this process's own
@@ -50,6 +52,13 @@ def batch_id() -> str:
     return f"{shown_host(HOST)}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
+def _in_use_here(batch: Batch) -> bool:
+    if batch.host != HOST or batch.pid != os.getpid():
+        return False
+    with _live_lock:
+        return batch.id in _live
+
+
 def holder_gone(batch: Batch) -> bool:
     """True when the batch's process is known to be gone: on this host only, where its pid
     can be looked at (another host's holder counts as there until its lease runs out)."""
@@ -64,6 +73,11 @@ def reap(store: Storage, issue_id: int) -> int:
     still pending (and any left behind by an earlier reap); how many rows."""
     freed = 0
     for batch in store.batches(issue_id):
+        if _in_use_here(batch):
+            # Ours, and a run of ours still has it: if its lease ran out, we were held up (a
+            # slow commit, a stall), not gone. Taking it back would send again what our
+            # connections have on the wire; our own renewal tells us whether it is lost.
+            continue
         if batch.lease_left <= 0:
             freed += store.reap_batch(batch.id)  # unless a renewal came in meanwhile
         elif holder_gone(batch):
