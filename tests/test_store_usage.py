@@ -113,15 +113,22 @@ def test_a_process_counts_while_another_holds_its_count_uncommitted(pg_database:
         assert store.sent_since("ses", T0) == [(datetime(2026, 12, 1, 13, tzinfo=UTC), 7)]
 
 
-def test_counts_made_before_migration_5_still_count(path: Path) -> None:
+def sqlite_at(path: Path, version: int, *then: str) -> None:
+    """A SQLite state file as a version with migrations up to ``version`` left it, then the
+    statements ``then``."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)")
-    for m in load("sqlite")[:4]:
+    for m in load("sqlite")[:version]:
         for statement in statements(m.sql):
             db.execute(statement)
         db.execute("INSERT INTO schema_migrations VALUES (?, ?, '2026-01-01')", (m.number, m.name))
-    db.execute("INSERT INTO sender_usage (sender, hour, sent) VALUES ('ses', '2026-12-01T13', 40)")
+    for statement in then:
+        db.execute(statement)
     db.close()
+
+
+def test_counts_made_before_migration_5_still_count(path: Path) -> None:
+    sqlite_at(path, 4, "INSERT INTO sender_usage (sender, hour, sent) VALUES ('ses', '2026-12-01T13', 40)")
 
     with Store(f"sqlite:///{path}") as store:
         store.count_sent("ses", T0, 2)
@@ -129,14 +136,7 @@ def test_counts_made_before_migration_5_still_count(path: Path) -> None:
 
 
 def test_migration_3_applies_on_a_sqlite_database_at_migration_2(path: Path) -> None:
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)")
-    for m in load("sqlite")[:2]:
-        for statement in statements(m.sql):
-            db.execute(statement)
-        db.execute("INSERT INTO schema_migrations VALUES (?, ?, '2026-01-01')", (m.number, m.name))
-    db.execute("INSERT INTO meta VALUES ('unsubscribe', 'kept')")
-    db.close()
+    sqlite_at(path, 2, "INSERT INTO meta VALUES ('unsubscribe', 'kept')")
 
     with Store(f"sqlite:///{path}") as store:
         assert store.secret("unsubscribe") == "kept"
