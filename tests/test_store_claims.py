@@ -129,7 +129,9 @@ def test_marks_written_together_are_each_fenced_by_their_own_batch(store: Store)
     assert [(p.recipient, p.attempts) for p in again] == [(ours[1], 1)]
 
 
-def test_a_lease_runs_out_by_the_database_clock_and_cannot_be_renewed_after(store: Store) -> None:
+def test_a_lease_runs_out_by_the_database_clock_and_is_renewed_only_until_it_is_reaped(
+    store: Store,
+) -> None:
     issue = issue_for(store, 2)
     store.claim_batch(issue, "b", HOST, os.getpid(), size=2, lease=1)
     (batch,) = store.batches(issue)
@@ -137,6 +139,11 @@ def test_a_lease_runs_out_by_the_database_clock_and_cannot_be_renewed_after(stor
     assert store.renew_batch("b", 1) is True
     time.sleep(1.3)
     assert store.batches(issue)[0].lease_left < 0
+    # Run out, but nobody took it: its holder was held up, and it is still the rows' only one.
+    assert store.renew_batch("b", 1) is True
+    assert store.reap_batch("b") == 0
+    time.sleep(1.3)
+    assert store.reap_batch("b") == 2
     assert store.renew_batch("b", 30) is False
 
 
@@ -183,6 +190,21 @@ def test_rows_whose_batch_vanished_are_freed_as_orphans(pg_database: str) -> Non
         assert store.delivery_counts(issue).held == 3
         assert store.free_orphans(issue) == 3
         assert store.delivery_counts(issue).held == 0 and store.delivery_counts(issue).fresh == 3
+
+
+def test_orphans_a_frozen_holder_is_still_writing_are_skipped_not_waited_for(pg_database: str) -> None:
+    # The holder froze inside the transaction that marks one of its rows: freeing that row
+    # would wait until the server ends the transaction, holding the reaper's own sends up.
+    with Store(pg_database) as holder, Store(pg_database, busy_timeout=2) as reaper:
+        issue = issue_for(holder, 3)
+        holder.claim_batch(issue, "b", HOST, 1, size=3, lease=30)
+        first = held(holder, "b", issue)[0]
+        holder.execute("DELETE FROM batches WHERE id = ?", ("b",))  # reaped by now
+        with holder.transaction(serial=False):
+            holder.execute("UPDATE deliveries SET attempts = attempts WHERE recipient = ?", (first,))
+            assert reaper.free_orphans(issue) == 2
+        assert reaper.free_orphans(issue) == 1  # once it is written, on the next pass
+        assert reaper.delivery_counts(issue).fresh == 3
 
 
 # -- reaping, and a run's claims (newsletter.claims) -------------------------------------------
@@ -263,12 +285,14 @@ def test_a_run_held_up_past_its_lease_does_not_take_its_own_batch_back(store: St
     time.sleep(1.3)
     assert store.batches(issue)[0].lease_left < 0
     assert reap(store, issue) == 0
-    # Its late outcome is still its own to write; the rest of that batch is lost to it.
+    # Its late outcome is still its own to write; nobody took the batch up, so its renewal
+    # gives it back the rest, which it had held off sending while the lease was in doubt.
     assert store.record_delivery(issue, first, DeliveryStatus.SENT, "", run.batch_of(first)) is True
+    assert not run.usable(first)
     run.renew()
     rest = [p.recipient for p in rows]
     assert first not in rest and len(rest) == 5
-    assert sum(run.usable(r) for r in rest) == 3  # the second batch's: the first batch's are not
+    assert all(run.usable(r) for r in rest)
     run.release()
 
 

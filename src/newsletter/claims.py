@@ -76,7 +76,7 @@ def reap(store: Storage, issue_id: int) -> int:
         if _in_use_here(batch):
             # Ours, and a run of ours still has it: if its lease ran out, we were held up (a
             # slow commit, a stall), not gone. Taking it back would send again what our
-            # connections have on the wire; our own renewal tells us whether it is lost.
+            # connections have on the wire; our renewal keeps it unless another took it.
             continue
         if batch.lease_left <= 0:
             freed += store.reap_batch(batch.id)  # unless a renewal came in meanwhile
@@ -194,8 +194,9 @@ class Claims:
 
     def renew(self) -> None:
         """Extend every held batch's lease, at most every third of it (called outside any
-        transaction, so a renewal is seen at once); a batch whose lease ran out is lost: its
-        rows are skipped, its late outcomes refused."""
+        transaction, so a renewal is seen at once). A lease that ran out is renewed too, if
+        nobody has taken the batch up meanwhile; a batch another has taken is lost: its rows
+        are skipped, its late outcomes refused."""
         if self.clock() - self.renewed < self.lease / 3:
             return
         self.renewed = self.clock()

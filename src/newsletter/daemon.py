@@ -207,10 +207,9 @@ class Daemon:
         for item in report.issues:
             if item.refused or item.lost:
                 log.warning(
-                    f"the lease of {item.lost} batch(es) ran out while this daemon was held up:"
-                    " what was left of them goes to another daemon or a later run;"
-                    f" {item.refused} outcome(s) that came in after were not written (another"
-                    " process held those deliveries by then, and sends them)",
+                    f"the lease of {item.lost} batch(es) ran out while this daemon was held up;"
+                    f" {item.refused} outcome(s) that came in after were not written: another"
+                    " process holds those deliveries now and sends them",
                     extra={"event": "lease-lost", "schedule": name, "issue": item.number},
                 )
             log.info(

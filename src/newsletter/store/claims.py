@@ -23,6 +23,7 @@ class SharedClaims:
 
     DB_NOW = ""  # SQL for the database's time now, in Unix seconds
     SKIP_LOCKED = ""  # appended to the claim's row search
+    SKIP_LOCKED_OF_D = ""  # the same, for a search whose deliveries are ``d``
 
     if TYPE_CHECKING:
 
@@ -91,11 +92,12 @@ class SharedClaims:
 
     def renew_batch(self, batch: str, lease: float, sent: int = 0) -> bool:
         """Extend the lease by ``lease`` seconds from now, and note how many of its rows the
-        holder has sent (for status); False when the lease has run out (or the batch was
-        reaped): the rows may be another's already, and the batch must not send on."""
-        clock = self.DB_NOW
+        holder has sent (for status); False when the batch was reaped: the rows may be
+        another's already, and the batch must not send on. A lease that ran out and that
+        nobody took up is renewed: a reaper's take, re-checked by the database's clock, and
+        this renewal are one row's writes, so exactly one of the two wins."""
         cur = self.execute(
-            f"UPDATE batches SET lease_until = {clock} + ?, sent = ? WHERE id = ? AND lease_until > {clock}",
+            f"UPDATE batches SET lease_until = {self.DB_NOW} + ?, sent = ? WHERE id = ?",
             (lease, sent, batch),
         )
         return bool(cur.rowcount)
@@ -122,23 +124,29 @@ class SharedClaims:
         it was reaped (skipped then, not waited for). None on SQLite, which skips nothing."""
         if not self.SKIP_LOCKED:
             return 0
-        orphans = self.execute(
-            "SELECT d.recipient, d.claimed_by FROM deliveries d WHERE d.claimed_by IS NOT NULL"
-            " AND d.status = 'pending' AND d.issue_id = ? AND NOT EXISTS"
-            " (SELECT 1 FROM batches b WHERE b.id = d.claimed_by)",
-            (issue_id,),
-        ).fetchall()
-        if not orphans:
-            return 0
-        # By the gone batch's id, which never comes back: a row claimed again meanwhile (by a
-        # batch this statement's snapshot cannot see) is left to its new holder.
-        values, args = values_list([(row["recipient"], row["claimed_by"]) for row in orphans])
-        return self.execute(
-            f"UPDATE deliveries SET claimed_by = NULL FROM (VALUES {values}) AS v WHERE"
-            " deliveries.issue_id = ? AND deliveries.recipient = v.column1"
-            " AND deliveries.claimed_by = v.column2 AND deliveries.status = 'pending'",
-            (*args, issue_id),
-        ).rowcount
+        with self.transaction(serial=False):
+            # Rows still locked (a holder frozen inside the transaction that marks them) are
+            # skipped as _free skips them, not waited for: waiting would hold this process up
+            # until the server ends that transaction, and its own leases would run out.
+            orphans = self.execute(
+                "SELECT d.recipient, d.claimed_by FROM deliveries d WHERE d.claimed_by IS NOT NULL"
+                " AND d.status = 'pending' AND d.issue_id = ? AND NOT EXISTS"
+                f" (SELECT 1 FROM batches b WHERE b.id = d.claimed_by) {self.SKIP_LOCKED_OF_D}",
+                (issue_id,),
+            ).fetchall()
+            if not orphans:
+                return 0
+            # By the gone batch's id, which never comes back: a row claimed again meanwhile
+            # (by a batch this statement's snapshot cannot see) is left to its new holder.
+            values, args = values_list([(row["recipient"], row["claimed_by"]) for row in orphans])
+            return int(
+                self.execute(
+                    f"UPDATE deliveries SET claimed_by = NULL FROM (VALUES {values}) AS v WHERE"
+                    " deliveries.issue_id = ? AND deliveries.recipient = v.column1"
+                    " AND deliveries.claimed_by = v.column2 AND deliveries.status = 'pending'",
+                    (*args, issue_id),
+                ).rowcount
+            )
 
     def _free(self, batch: str) -> int:
         # Rows another transaction is writing right now (the holder marking them) are skipped,

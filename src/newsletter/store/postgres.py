@@ -67,6 +67,7 @@ class PostgresStore(PgDatabase, SenderUsage, SharedClaims, SharedSql):
     # transaction must not start in the past), whichever host asks.
     DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    SKIP_LOCKED_OF_D = " FOR UPDATE OF d SKIP LOCKED"
 
     def __enter__(self) -> PostgresStore:
         return self
