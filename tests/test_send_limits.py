@@ -15,6 +15,7 @@ from newsletter.config import load_config
 from newsletter.context import RunContext
 from newsletter.digest import schedule_status, send_digest
 from newsletter.model import DeliveryStatus
+from newsletter.store import Store
 
 READERS = [f"reader{i:02d}@example.com" for i in range(12)]
 
@@ -83,6 +84,12 @@ def test_a_day_quota_stops_the_send_and_the_next_day_finishes_it(
     assert not last.paused and status.paused == "" and status.retries == 0
     copies = Counter(r for _, rcpts, _ in box.messages for r in rcpts)
     assert copies == Counter(READERS)
+    # Each send forgets the hours no day quota looks at any more (a row a process and hour).
+    config = load_config(project.config)
+    with Store(config.database_url) as store:
+        kept = store.sent_since(config.schedule("weekly").sender, clock.at - timedelta(days=30))
+    assert kept and min(hour for hour, _ in kept) >= clock.at - timedelta(hours=26), kept
+    assert sum(n for _, n in kept) == len(READERS) - 5
 
 
 def test_a_send_window_pauses_the_send_and_an_open_window_resumes_it(

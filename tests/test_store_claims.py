@@ -10,11 +10,13 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from newsletter import claims
 from newsletter.claims import Claims, reap
+from newsletter.errors import StoreError
 from newsletter.model import DeliveryStatus, Pending
 from newsletter.store import Store
 from test_store import add_list
@@ -272,6 +274,30 @@ def test_a_run_paused_past_its_lease_may_not_send_and_its_marks_are_refused(
     assert first in {r for r in taken if not paused.usable(r)}
     assert store.record_delivery(issue, first, DeliveryStatus.SENT, "", paused.batch_of(first)) is False
     paused.release()
+
+
+def test_a_claim_that_committed_and_then_failed_is_taken_back_by_the_next_run(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection cut after the server committed the claim: the client saw an error, the
+    # batch is there. The run that made it has ended; the next one must not take it for live.
+    issue = issue_for(store, 3)
+    real = store.claim_batch
+
+    def cut(*args: Any, **kwargs: Any) -> int:
+        real(*args, **kwargs)
+        raise StoreError("server closed the connection unexpectedly")
+
+    run = Claims(store, issue, "readers", size=3, lease=30)
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "claim_batch", cut)
+        with pytest.raises(StoreError):
+            next(run.rows())
+    run.release()
+    assert store.delivery_counts(issue).held == 3
+    again = Claims(store, issue, "readers", size=3, lease=30)
+    assert len(list(again.rows())) == 3
+    again.release()
 
 
 def test_a_run_held_up_past_its_lease_does_not_take_its_own_batch_back(store: Store) -> None:

@@ -128,16 +128,23 @@ class Claims:
             batch, started = batch_id(), self.clock()
             with _live_lock:
                 _live.add(batch)
-            claimed = self.store.claim_batch(
-                self.issue_id,
-                batch,
-                HOST,
-                self.pid,
-                size=self.size,
-                lease=self.lease,
-                after=after,
-                fresh_only=self.fresh_only,
-            )
+            try:
+                claimed = self.store.claim_batch(
+                    self.issue_id,
+                    batch,
+                    HOST,
+                    self.pid,
+                    size=self.size,
+                    lease=self.lease,
+                    after=after,
+                    fresh_only=self.fresh_only,
+                )
+            except BaseException:
+                # It may have committed all the same (a connection cut after the COMMIT): no
+                # longer live, a batch of this pid is reaped at once by the next reap here.
+                with _live_lock:
+                    _live.discard(batch)
+                raise
             if not claimed:
                 with _live_lock:
                     _live.discard(batch)

@@ -410,6 +410,7 @@ def _deliver_all(
     # mail server, and a server that is down leaves the built issue pending for the next run.
     # A day quota counts what this sender sent in the last 24 h, this run's own included.
     clock, started = send.ctx.clock, time.monotonic()
+    store.forget_usage(clock() - timedelta(hours=26))  # each process counts into rows of its own
     sender.remember(store.sent_since(sender.name, clock() - timedelta(hours=25)), clock)
     if (reached := sender.quota_reached()) is not None:
         # The day's quota is used up already: nothing to connect for (a retry every few

@@ -283,7 +283,8 @@ class Storage(Protocol):
         ...
 
     def renew_batch(self, batch: str, lease: float, sent: int = 0) -> bool:
-        """Extend the lease (and note how many it sent); False when it had run out."""
+        """Extend the lease (and note how many it sent), run out or not; False when the
+        batch was reaped."""
         ...
 
     def release_batch(self, batch: str) -> int:

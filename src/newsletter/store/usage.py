@@ -2,9 +2,10 @@
 
 A provider's daily quota is a rolling 24 hours (SES, Google's relay), and it must survive a
 restart: a run stopped at 9,000 of 10,000 and started again must not send 10,000 more. One
-row per sender, hour and process keeps that to 25 rows a sender and process, whatever the
-volume. Per process, not shared: a row every process updated in each of its commits let one
-frozen between that update and its commit hold up every other one's commits (migration 5).
+row per sender, hour and process (``writer``, the host as locks name it and the pid) keeps
+that small whatever the volume, and each send forgets the hours past the last 26. Per
+process, not shared: a row every process updated in each of its commits let one frozen
+between that update and its commit hold up every other one's commits (migration 5).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def hour_of(when: datetime) -> str:
 
 
 class SenderUsage:
-    """The store's ``sender_usage`` methods (migration 0003), the same SQL on both backends."""
+    """The store's ``sender_usage`` methods (migrations 3 and 5), the same SQL on both backends."""
 
     if TYPE_CHECKING:
 
